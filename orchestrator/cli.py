@@ -1,0 +1,56 @@
+"""The ``ditscale`` command.
+
+Each subcommand lives in the module that owns its concern and exposes
+``add_arguments(parser)`` and ``main(args) -> int``; this file only wires them up and
+turns user errors into a message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from dit.errors import ConfigError
+
+# name -> (module, one-line help). Modules are imported lazily so `ditscale --help`
+# does not pay for importing Ray, DeepSpeed and MLflow.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "flops": ("orchestrator.flops_cli", "Gflops and parameter table for models or a study spec"),
+    "prepare": ("orchestrator.prepare", "encode a data set into WebDataset latent shards"),
+}
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on bad arguments already; keep its message, drop nothing."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ditscale", description="Scaling studies for Diffusion Transformers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_main", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args._main(args) or 0)
+    except ConfigError as err:
+        print(f"ditscale {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
