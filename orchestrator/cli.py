@@ -24,23 +24,23 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 EXIT_USAGE = 2
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse exits 2 on bad arguments already; keep its message, drop nothing."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ditscale", description="Scaling studies for Diffusion Transformers.")
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only ``command``'s module is imported (all of them when None)."""
+    parser = argparse.ArgumentParser(prog="ditscale", description="Scaling studies for Diffusion Transformers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(_main=module.main)
+        if command in (None, name):
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_main=module.main)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command if command in SUBCOMMANDS else "")
     args = parser.parse_args(argv)
     if not getattr(args, "_main", None):
         parser.print_help()
