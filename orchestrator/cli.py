@@ -19,6 +19,8 @@ from dit.errors import ConfigError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "flops": ("orchestrator.flops_cli", "Gflops and parameter table for models or a study spec"),
     "prepare": ("orchestrator.prepare", "encode a data set into WebDataset latent shards"),
+    "train": ("orchestrator.train_cli", "run one trial (one model) with Ray Train + DeepSpeed"),
+    "export": ("orchestrator.export_cli", "export a checkpoint's EMA weights as a plain state dict"),
 }
 
 EXIT_USAGE = 2
