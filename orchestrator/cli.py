@@ -1,24 +1,29 @@
 """The ``ditscale`` command.
 
-Each subcommand lives in the module that owns its concern and exposes
-``add_arguments(parser)`` and ``main(args) -> int``; this file only wires them up and
-turns user errors into a message and exit code 2.
+Each subcommand lives in the module that owns its concern, as a pair of functions
+``add_arguments(parser)`` and ``main(args) -> int`` (other names may be given below); this
+file only wires them up and turns user errors into a message and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
 from dit.errors import ConfigError
 
-# name -> (module, one-line help). Modules are imported lazily so `ditscale --help`
+# name -> (module, one-line help[, add-arguments function, main function]). Modules are imported lazily so `ditscale --help`
 # does not pay for importing Ray, DeepSpeed and MLflow.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
+SUBCOMMANDS: dict[str, tuple[str, ...]] = {
     "flops": ("orchestrator.flops_cli", "Gflops and parameter table for models or a study spec"),
     "prepare": ("orchestrator.prepare", "encode a data set into WebDataset latent shards"),
+    "run": ("orchestrator.study_cli", "run a study: every grid cell as a Ray Tune trial, tracked in MLflow"),
+    "resume": ("orchestrator.study_cli", "finish an interrupted study (finished cells are not rerun)",
+               "add_arguments", "resume_main"),
+    "status": ("orchestrator.study_cli", "per-cell status of a study", "add_status_arguments", "status_main"),
     "train": ("orchestrator.train_cli", "run one trial (one model) with Ray Train + DeepSpeed"),
     "export": ("orchestrator.export_cli", "export a checkpoint's EMA weights as a plain state dict"),
 }
@@ -30,12 +35,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only ``command``'s module is imported (all of them when None)."""
     parser = argparse.ArgumentParser(prog="ditscale", description="Scaling studies for Diffusion Transformers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
+    for name, (module_name, help_text, *functions) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if command in (None, name):
+            add_name, main_name = functions or ("add_arguments", "main")
             module = importlib.import_module(module_name)
-            module.add_arguments(p)
-            p.set_defaults(_main=module.main)
+            getattr(module, add_name)(p)
+            p.set_defaults(_main=getattr(module, main_name))
     return parser
 
 
@@ -52,6 +58,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"ditscale {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"ditscale {args.command}: interrupted; `ditscale resume` continues a study", file=sys.stderr)
+        return 130
+    except Exception as err:  # not the user's input: say what failed, keep the trace on request
+        if os.environ.get("DITSCALE_DEBUG"):
+            raise
+        print(f"ditscale {args.command}: failed: {type(err).__name__}: {err}\n"
+              "(set DITSCALE_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -248,12 +248,14 @@ def run_trial(
     gflops: float | None = None,
     fault: dict[str, Any] | None = None,
     metric_log: str | Path | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> TrialOutcome:
     """Fit one trial to completion, resuming from its latest checkpoint if it has one.
 
     Every step's metrics land once in a JSONL log (``metric_log``, by default beside the
     checkpoints for local storage) and in each of ``sinks`` (objects with ``add(metrics)``,
-    such as an MLflow logger). Worker crashes are retried ``max_failures`` times; a
+    such as an MLflow logger); ``callbacks`` are extra ``ray.train.UserCallback``s (e.g.
+    Tune's report bridge). Worker crashes are retried ``max_failures`` times; a
     non-finite loss ends the trial at once as "failed" with its step.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -283,7 +285,7 @@ def run_trial(
             storage_path=cfg.storage_uri(),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=[make_metric_callback([log, *sinks])],
+            callbacks=[make_metric_callback([log, *sinks]), *callbacks],
         ),
     )
     try:

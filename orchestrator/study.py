@@ -1,0 +1,293 @@
+"""A study's life: validate, create (MLflow parent run), run every cell on Ray Tune, resume, status.
+
+Study folder (``<storage>/<study name>/``)::
+
+    study.json            spec hash and file, written when the study is created
+    mlflow.db, mlartifacts/   the default tracking store (sqlite) and its artifacts
+    tune/                 Ray Tune's experiment (Tuner.restore resumes it)
+    trials/<cell>/        Ray Train run: checkpoints, metrics.jsonl, mlflow_run_id, outcome.json
+
+Each Tune trial is a function trainable that fits the cell's TorchTrainer (the Ray Train V2
+pattern; passing a Trainer to a Tuner is gone). A cell whose ``outcome.json`` says it ended
+is never rerun, so resuming a killed study finishes only what was unfinished; a cell that
+was cut off mid-training resumes from its last checkpoint and keeps its MLflow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dit.errors import ConfigError
+from orchestrator.spec import Cell, StudySpec, load_spec, order_by_cost
+from orchestrator.tracking import (
+    RUN_ID_FILE,
+    TRIAL_PARAMS,
+    MLflowSink,
+    StudyTracker,
+    check_reachable,
+    resolve_tracking_uri,
+)
+from orchestrator.trial import TrialOutcome, ensure_ray, run_trial
+
+OUTCOME_FILE = "outcome.json"
+STATE_FILE = "study.json"
+
+
+@dataclass(frozen=True)
+class StudyPaths:
+    root: Path
+
+    @property
+    def trials(self) -> Path:
+        return self.root / "trials"
+
+    def trial(self, cell: str) -> Path:
+        return self.trials / cell
+
+    def outcome(self, cell: str) -> dict[str, Any] | None:
+        path = self.trial(cell) / OUTCOME_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+
+def study_paths(spec: StudySpec, storage: str | None) -> StudyPaths:
+    root = Path(storage or spec.storage).expanduser()
+    if "://" in str(storage or spec.storage):
+        raise ConfigError(
+            f"storage {storage or spec.storage!r}: a study folder must be a local or mounted path "
+            "(NFS, a cluster file system); object stores are not supported for studies yet"
+        )
+    return StudyPaths(root.resolve() / spec.name)
+
+
+def _spec_hash(spec: StudySpec) -> str:
+    return hashlib.sha256(json.dumps(spec.resolved(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _claim_folder(paths: StudyPaths, spec: StudySpec, spec_path: Path, resume: bool) -> bool:
+    """Create the study folder, or check that an existing one belongs to this spec.
+
+    Returns True when the study already existed (we are resuming).
+    """
+    state_file = paths.root / STATE_FILE
+    digest = _spec_hash(spec)
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        if state.get("spec_sha256") != digest:
+            raise ConfigError(
+                f"study folder {paths.root} holds study {spec.name!r} with a different spec "
+                f"({state.get('spec_file')}); rename the study, change --storage, or delete the folder"
+            )
+        return True
+    if resume:
+        raise ConfigError(f"nothing to resume: {paths.root} holds no study; use `ditscale run`")
+    paths.trials.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(spec_path, paths.root / "spec.yaml")
+    tmp = state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"name": spec.name, "spec_sha256": digest, "spec_file": str(spec_path),
+                               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+    tmp.replace(state_file)
+    return False
+
+
+def cell_params(cell: Cell) -> dict[str, Any]:
+    mc = cell.model_config()
+    values = {
+        "model": cell.model if isinstance(cell.model, str) else json.dumps(cell.model, sort_keys=True),
+        "patch_size": mc.patch_size, "depth": mc.depth, "hidden_size": mc.hidden_size,
+        "num_heads": mc.num_heads, "block": mc.block, "image_size": cell.image_size,
+        "gflops": round(cell.gflops, 6), "params": cell.params,
+        "global_batch": cell.train.global_batch, "lr": cell.train.lr, "steps": cell.train.steps,
+        "zero_stage": cell.train.zero_stage, "precision": cell.train.precision,
+    }
+    assert set(values) == set(TRIAL_PARAMS)
+    extra = {"workers": cell.workers, "tokens": cell.tokens, "micro_batch": cell.train.micro_batch,
+             "ema_decay": cell.train.ema_decay, "seed": cell.train.seed, "data": cell.train.data,
+             **{f"axis.{k}": v for k, v in cell.axes.items()}}
+    return {**values, **extra}
+
+
+def cells_table(cells: list[Cell]) -> list[dict[str, Any]]:
+    return [
+        {"cell": c.name, "model": c.model if isinstance(c.model, str) else c.name, "block": c.block,
+         "gflops": c.gflops, "params": c.params, "tokens": c.tokens,
+         "compute_gflops": c.compute_gflops, "workers": c.workers}
+        for c in cells
+    ]
+
+
+def max_concurrent(cells: list[Cell], override: int | None) -> int:
+    """How many trials can hold their workers at once, so waiting drivers do not pile up."""
+    if override:
+        return override
+    import ray
+
+    total = ray.cluster_resources()
+    cpu_need = max(c.workers * c.cpus_per_worker for c in cells)
+    k = int(total.get("CPU", 1) // cpu_need) if cpu_need else len(cells)
+    gpu_need = max((c.workers * c.gpus_per_worker for c in cells if c.use_gpu), default=0)
+    if gpu_need:
+        k = min(k, int(total.get("GPU", 0) // gpu_need))
+    if k < 1:
+        raise ConfigError(
+            f"the cluster ({dict((r, total.get(r, 0)) for r in ('CPU', 'GPU'))}) cannot fit the largest "
+            f"cell ({cpu_need} CPUs, {gpu_need} GPUs); lower resources.workers / cpus_per_worker"
+        )
+    return max(1, min(k, len(cells)))
+
+
+# --------------------------------------------------------------------------------------------
+# The Tune trial (runs in a Ray actor)
+# --------------------------------------------------------------------------------------------
+
+
+def _trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cell: Cell = context["cells"][config["cell"]]
+    paths = StudyPaths(Path(context["root"]))
+    done = paths.outcome(cell.name)
+    if done is not None:  # finished before a restart of the study: never rerun
+        tune.report({"status": done["status"], "step": done["step"]})
+        return
+    tracker = StudyTracker(context["uri"], context["study"], context["experiment"], None)
+    run_id = tracker.trial_run(
+        cell.name, cell_params(cell), context["trial_tags"], paths.trial(cell.name) / RUN_ID_FILE
+    )
+    sink = MLflowSink(context["uri"], run_id)
+    outcome = run_trial(
+        cell.trial_config(str(paths.trials)),
+        sinks=[sink],
+        gflops=cell.gflops,
+        callbacks=[TuneReportCallback()],
+    )
+    backfill(sink, outcome)
+    tracker.finish_trial(run_id, outcome.status, outcome.reason)
+    _write_outcome(paths.trial(cell.name) / OUTCOME_FILE, outcome, run_id)
+    tune.report({"status": outcome.status, "step": outcome.last_step})
+
+
+def backfill(sink: MLflowSink, outcome: TrialOutcome) -> None:
+    """Send any step the controller could not deliver (MLflow was down), from the local log."""
+    from orchestrator.tracking import _retry, client
+
+    c = client(sink.uri)
+    logged = {m.step for m in _retry(lambda: c.get_metric_history(sink.run_id, "train/loss"))}
+    sink.pending.clear()
+    for row in outcome.metrics:
+        if int(row["step"]) not in logged:
+            sink.add(row)
+    if not sink.flush(attempts=30):
+        raise RuntimeError(f"MLflow at {sink.uri} stayed unreachable; metrics are kept in metrics.jsonl")
+
+
+def _write_outcome(path: Path, outcome: TrialOutcome, run_id: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"status": outcome.status, "reason": outcome.reason,
+                               "step": outcome.last_step, "checkpoint": outcome.checkpoint,
+                               "mlflow_run_id": run_id}, indent=2))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyOutcome:
+    name: str
+    root: Path
+    tracking_uri: str
+    parent_run_id: str
+    outcomes: dict[str, dict[str, Any] | None]
+
+    @property
+    def ok(self) -> bool:
+        return all(o is not None and o["status"] == "finished" for o in self.outcomes.values())
+
+
+def run_study(
+    spec_path: str | Path,
+    *,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    resume: bool = False,
+) -> StudyOutcome:
+    """Run (or continue) every cell of a study. All validation happens before anything starts."""
+    from ray import tune
+
+    from dit.latents import Manifest
+
+    spec_path = Path(spec_path).resolve()
+    spec = load_spec(spec_path)
+    cells = order_by_cost(spec.cells())
+    for data in sorted({c.train.data for c in cells}):
+        Manifest.load(data)  # missing data is a clear error before any side effect
+    paths = study_paths(spec, storage)
+    uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri, paths.root)
+    check_reachable(uri)
+    existed = _claim_folder(paths, spec, spec_path, resume)
+    ensure_ray(address)
+
+    tracker = StudyTracker(uri, spec.name, spec.tracking.experiment, paths.root / "mlartifacts")
+    if not existed:
+        tracker.log_study_files(spec_path, spec.resolved(), cells_table(cells))
+    context = {
+        "cells": {c.name: c for c in cells}, "root": str(paths.root), "uri": uri,
+        "study": spec.name, "experiment": spec.tracking.experiment or spec.name,
+        "trial_tags": spec.trial_tags() if hasattr(spec, "trial_tags") else {},
+    }
+    trainable = tune.with_resources(tune.with_parameters(_trial_fn, context=context), {"CPU": 0})
+    tune_dir = paths.root / "tune"
+    if tune.Tuner.can_restore(str(tune_dir)):
+        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"cell": tune.grid_search([c.name for c in cells])},  # cost order
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=max_concurrent(cells, spec.resources.max_concurrent_trials)
+            ),
+            run_config=tune.RunConfig(name="tune", storage_path=str(paths.root), verbose=0),
+        )
+    tuner.fit()
+    outcomes = {c.name: paths.outcome(c.name) for c in cells}
+    result = StudyOutcome(spec.name, paths.root, uri, tracker.parent_id, outcomes)
+    tracker.finish_study("FINISHED" if result.ok else "FAILED")
+    return result
+
+
+def study_status(spec_path: str | Path, storage: str | None = None) -> list[dict[str, Any]]:
+    """Per cell: status (finished / failed / running or interrupted / pending), step, loss."""
+    spec = load_spec(spec_path)
+    paths = study_paths(spec, storage)
+    rows = []
+    for cell in order_by_cost(spec.cells()):
+        outcome = paths.outcome(cell.name)
+        metrics = paths.trial(cell.name) / "metrics.jsonl"
+        last: dict[str, Any] = {}
+        if metrics.is_file():
+            lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+            last = json.loads(lines[-1]) if lines else {}
+        if outcome:
+            status = outcome["status"]
+        elif last:
+            status = "started"
+        else:
+            status = "pending"
+        rows.append({
+            "cell": cell.name, "gflops": cell.gflops, "status": status,
+            "step": int(last.get("step", 0)), "steps": cell.train.steps,
+            "loss": last.get("train/loss", math.nan),
+            "reason": (outcome or {}).get("reason"),
+        })
+    return rows

@@ -1,0 +1,72 @@
+"""``ditscale run SPEC``, ``ditscale resume SPEC`` and ``ditscale status SPEC``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", help="study spec (YAML)")
+    parser.add_argument("--storage", help="storage root (default: the spec's storage, else ./runs)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: spec, MLFLOW_TRACKING_URI, "
+                        "else a sqlite file in the study folder)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
+
+
+def _print_outcome(result) -> None:
+    print(f"study {result.name}: {'finished' if result.ok else 'not all cells finished'}")
+    for cell, outcome in result.outcomes.items():
+        status = outcome["status"] if outcome else "not run"
+        reason = f" ({outcome['reason']})" if outcome and outcome.get("reason") else ""
+        print(f"  {cell:<28} {status}{reason}")
+    print(f"study folder: {result.root}")
+    print(f"MLflow: {result.tracking_uri}  (parent run {result.parent_run_id})")
+    if result.tracking_uri.startswith("sqlite:"):
+        print(f"  browse with: mlflow ui --backend-store-uri {result.tracking_uri}")
+
+
+def _run(args: argparse.Namespace, resume: bool) -> int:
+    from orchestrator.study import run_study
+
+    result = run_study(args.spec, storage=args.storage, tracking_uri=args.tracking_uri,
+                       address=args.address, resume=resume)
+    _print_outcome(result)
+    if not args.no_report:
+        _maybe_report(result)
+    return 0 if result.ok else 1
+
+
+def _maybe_report(result) -> None:
+    try:
+        from analysis.report import write_study_report
+    except ImportError:  # the analysis package has no report yet
+        return
+    path = write_study_report(result)
+    print(f"report: {path}")
+
+
+def main(args: argparse.Namespace) -> int:
+    return _run(args, resume=False)
+
+
+def resume_main(args: argparse.Namespace) -> int:
+    return _run(args, resume=True)
+
+
+def add_status_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", help="study spec (YAML)")
+    parser.add_argument("--storage", help="storage root (default: the spec's storage)")
+
+
+def status_main(args: argparse.Namespace) -> int:
+    from orchestrator.study import study_status
+
+    rows = study_status(args.spec, args.storage)
+    print(f"{'cell':<28} {'Gflops':>9} {'status':<9} {'step':>13} {'loss':>8}")
+    for r in rows:
+        loss = "" if math.isnan(r["loss"]) else f"{r['loss']:.4f}"
+        print(f"{r['cell']:<28} {r['gflops']:>9.3f} {r['status']:<9} {r['step']:>6}/{r['steps']:<6} {loss:>8}"
+              + (f"  {r['reason']}" if r["reason"] else ""))
+    return 0
