@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, tuple[str, ...]] = {
     "status": ("orchestrator.study_cli", "per-cell status of a study", "add_status_arguments", "status_main"),
     "train": ("orchestrator.train_cli", "run one trial (one model) with Ray Train + DeepSpeed"),
     "export": ("orchestrator.export_cli", "export a checkpoint's EMA weights as a plain state dict"),
+    "report": ("orchestrator.report_cli", "fit scaling laws, plot and write a study's report (or a published table's)"),
 }
 
 EXIT_USAGE = 2

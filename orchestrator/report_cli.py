@@ -1,0 +1,64 @@
+"""``ditscale report [STUDY] [--published CSV]``: fitted scaling laws, plots and a report."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study", nargs="?", help="study name or parent run id (omit for a published table alone)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
+                        "runs/STUDY/mlflow.db when that exists)")
+    parser.add_argument("--out", help="output folder (default: runs/STUDY/report when that folder exists, "
+                        "else ./STUDY-report)")
+    parser.add_argument("--format", choices=("html", "md"), default="html",
+                        help="self-contained HTML (default) or Markdown with the plots beside it")
+    parser.add_argument("--published", metavar="CSV",
+                        help="a published results table to fit and plot beside the study, or alone "
+                        "('paper' = the DiT paper's Table 4 shipped with ditscale)")
+    parser.add_argument("--step", type=int, help="training step for FID vs Gflops (default: the step most "
+                        "trials have evaluated)")
+    parser.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--no-log", action="store_true", help="do not log the report to the study's MLflow run")
+
+
+def _default_out(name: str) -> Path:
+    folder = Path("runs") / name
+    if folder.is_dir():
+        return folder / "report"
+    return Path(re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") + "-report")
+
+
+def main(args: argparse.Namespace) -> int:
+    from analysis.report import build_report, log_report
+    from analysis.runs import load_published, load_study
+    from dit.errors import ConfigError
+
+    if not args.study and not args.published:
+        raise ConfigError("name a STUDY (and --tracking-uri), or give --published CSV for a published table alone")
+    if args.n_boot < 0:
+        raise ConfigError(f"--n-boot must be >= 0 (got {args.n_boot})")
+    published = None
+    if args.published:
+        published = load_published(None if args.published == "paper" else args.published)
+    data = load_study(args.study, args.tracking_uri) if args.study else published
+    out = Path(args.out) if args.out else _default_out(data.name if args.study else "published")
+    report = build_report(data, out, fmt=args.format, published=published if args.study else None,
+                          step=args.step, n_boot=args.n_boot, n_boot_saturating=args.n_boot, seed=args.seed)
+    for analysis in report.analyses:
+        print(f"== {analysis.data.name}")
+        for fit in analysis.fits().values():
+            print(fit.summary())
+        for what, why in analysis.errors.items():
+            if why != analysis.errors.get("gflops") or what == "gflops":
+                print(f"  ({'FID vs Gflops' if what == 'gflops' else 'FID vs compute'}: {why})")
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"report: {report.path}")
+    if args.study and not args.no_log:
+        run_id = log_report(report, data)
+        print(f"logged to MLflow run {run_id} under report/")
+    return 0
