@@ -94,7 +94,9 @@ class VAECodec(Codec):
     ) -> None:
         if latent_dist not in ("mean", "sample"):
             raise ConfigError(f"latent_dist: {latent_dist!r} is not 'mean' or 'sample'")
-        self.vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        if next(vae.parameters()).dtype != dtype:
+            vae = vae.to(dtype=dtype)
+        self.vae = vae.to(device).eval().requires_grad_(False)
         self.encoder_id = encoder_id
         cfg_scale = getattr(vae.config, "scaling_factor", None) or 0.18215
         self.scale_factor = float(scale_factor if scale_factor is not None else cfg_scale)
@@ -122,8 +124,11 @@ class VAECodec(Codec):
                 f"--vae {id_or_path}: no such folder. Fix: give a folder holding an AutoencoderKL "
                 "(config.json + diffusion_pytorch_model.safetensors) or a hub id such as stabilityai/sd-vae-ft-ema"
             )
+        import importlib.util
+
+        extra = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}  # no nag
         try:
-            vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder)
+            vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, torch_dtype=kw.get("dtype", torch.float32), **extra)
         except (OSError, ValueError, EnvironmentError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(

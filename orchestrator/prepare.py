@@ -84,6 +84,8 @@ class _ShardEncoder:
         from dit.vae import load_codec
 
         torch.set_num_threads(max(1, threads))
+        if getattr(job.source, "parallel_load", False):
+            job.load_threads = max(1, threads)  # image decoding threads
         self.job = job
         self.codec = load_codec(job.encoder["id"], **job.encoder, device=device)
 
@@ -118,7 +120,8 @@ def _run_ray(job: Any, args: argparse.Namespace) -> None:
         if args.num_cpus and not started:
             cpus = min(cpus, args.num_cpus)
         if gpus:
-            n, opts, device, threads = min(gpus, len(job.pending)), {"num_gpus": 1, "num_cpus": 1}, "cuda", 4
+            per = max(1, min(8, cpus // gpus))
+            n, opts, device, threads = min(gpus, len(job.pending)), {"num_gpus": 1, "num_cpus": per}, "cuda", per
         else:
             n, opts, device, threads = min(cpus, len(job.pending)), {"num_cpus": 1}, "cpu", 1
         print(f"encoding {len(job.pending)} shards with {n} Ray {'GPU' if gpus else 'CPU'} actor(s)", flush=True)
