@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, ...]] = {
     "train": ("orchestrator.train_cli", "run one trial (one model) with Ray Train + DeepSpeed"),
     "export": ("orchestrator.export_cli", "export a checkpoint's EMA weights as a plain state dict"),
     "report": ("orchestrator.report_cli", "fit scaling laws, plot and write a study's report (or a published table's)"),
+    "schema": ("orchestrator.schema_cli", "print the study spec's JSON Schema (for editor completion)"),
 }
 
 EXIT_USAGE = 2
