@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dit.diffusion import create_diffusion
 from dit.errors import ConfigError
-from dit.models import DiT, DiTConfig, create_model, model_config
+from dit.models import DiT, DiTConfig, create_model, model_config, parse_model_name
 
 # DeepSpeed's ZeRO code calls torch.distributed APIs that torch now marks deprecated.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
@@ -78,7 +78,13 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_model(self) -> "TrainConfig":
-        model_config(self.model, **({"block": self.block} if self.block else {}))
+        # The latent size comes from the data later; here check the model on its own (an
+        # input of one patch), so any patch that divides the real latent is accepted.
+        patch = parse_model_name(self.model)[1] if isinstance(self.model, str) else self.model.get("patch_size")
+        overrides: dict[str, Any] = {"block": self.block} if self.block else {}
+        if isinstance(patch, int) and patch > 0:
+            overrides["input_size"] = patch
+        model_config(self.model, **overrides)
         return self
 
     def accumulation(self, world_size: int) -> tuple[int, int]:

@@ -102,7 +102,7 @@ def cell_params(cell: Cell) -> dict[str, Any]:
         "model": cell.model if isinstance(cell.model, str) else json.dumps(cell.model, sort_keys=True),
         "patch_size": mc.patch_size, "depth": mc.depth, "hidden_size": mc.hidden_size,
         "num_heads": mc.num_heads, "block": mc.block, "image_size": cell.image_size,
-        "gflops": round(cell.gflops, 6), "params": cell.params,
+        "gflops": float(f"{cell.gflops:.6g}"), "params": cell.params,
         "global_batch": cell.train.global_batch, "lr": cell.train.lr, "steps": cell.train.steps,
         "zero_stage": cell.train.zero_stage, "precision": cell.train.precision,
     }
@@ -123,23 +123,29 @@ def cells_table(cells: list[Cell]) -> list[dict[str, Any]]:
 
 
 def max_concurrent(cells: list[Cell], override: int | None) -> int:
-    """How many trials can hold their workers at once, so waiting drivers do not pile up."""
+    """How many trials may wait on or hold workers at once.
+
+    Bounded by how many of the smallest cells fit the cluster together: more trial drivers
+    could never all run, and fewer would keep small cells from filling GPUs that a large
+    cell at the head of the queue cannot use yet (Ray places whichever worker group fits).
+    """
     if override:
         return override
     import ray
 
     total = ray.cluster_resources()
-    cpu_need = max(c.workers * c.cpus_per_worker for c in cells)
-    k = int(total.get("CPU", 1) // cpu_need) if cpu_need else len(cells)
-    gpu_need = max((c.workers * c.gpus_per_worker for c in cells if c.use_gpu), default=0)
-    if gpu_need:
-        k = min(k, int(total.get("GPU", 0) // gpu_need))
-    if k < 1:
+    fits = []
+    for c in cells:
+        k = total.get("CPU", 0) // (c.workers * c.cpus_per_worker) if c.cpus_per_worker else len(cells)
+        if c.use_gpu:
+            k = min(k, total.get("GPU", 0) // (c.workers * c.gpus_per_worker))
+        fits.append(int(k))
+    if max(fits) < 1:
         raise ConfigError(
-            f"the cluster ({dict((r, total.get(r, 0)) for r in ('CPU', 'GPU'))}) cannot fit the largest "
-            f"cell ({cpu_need} CPUs, {gpu_need} GPUs); lower resources.workers / cpus_per_worker"
+            f"the cluster ({ {r: total.get(r, 0) for r in ('CPU', 'GPU')} }) cannot fit any cell; "
+            "lower resources.workers / cpus_per_worker / gpus_per_worker or add nodes"
         )
-    return max(1, min(k, len(cells)))
+    return max(1, min(max(fits), len(cells)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,7 +252,10 @@ def run_study(
         "study": spec.name, "experiment": spec.tracking.experiment or spec.name,
         "trial_tags": spec.trial_tags() if hasattr(spec, "trial_tags") else {},
     }
-    trainable = tune.with_resources(tune.with_parameters(_trial_fn, context=context), {"CPU": 0})
+    # The trial function only waits on its TorchTrainer; its workers hold the CPUs and GPUs.
+    # A nominal memory request (a resource every node has) keeps it from taking a CPU slot.
+    driver = {"CPU": 0, "memory": 2**20}
+    trainable = tune.with_resources(tune.with_parameters(_trial_fn, context=context), driver)
     tune_dir = paths.root / "tune"
     if tune.Tuner.can_restore(str(tune_dir)):
         tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
