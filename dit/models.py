@@ -352,7 +352,8 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob)
-        pos = torch.from_numpy(sincos_2d(d, cfg.input_size // cfg.patch_size)).float()
+        # torch.tensor (not from_numpy) honours a `with torch.device(...)` context.
+        pos = torch.tensor(sincos_2d(d, cfg.input_size // cfg.patch_size), dtype=torch.float32)
         self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=True)
         self.blocks = nn.ModuleList(
             DiTBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.block) for _ in range(cfg.depth)

@@ -261,3 +261,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_bad_configs_name_the_problem(bad, message):
     with pytest.raises(ValueError, match=message):
         create_model(bad)
+
+
+def test_building_under_a_device_context_puts_every_tensor_there():
+    with torch.device("meta"):
+        model = create_model(TINY)
+    assert {t.device.type for t in model.state_dict().values()} == {"meta"}
