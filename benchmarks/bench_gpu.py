@@ -37,7 +37,7 @@ An out-of-memory error in one configuration is reported as "OOM" and the next on
 ``--time-budget`` (seconds from start) stops starting new configurations near the end.
 
     python benchmarks/bench_gpu.py --out bench_gpu.json                   # default set
-    python benchmarks/bench_gpu.py --out r.json --plain --compile --grad-checkpointing both
+    python benchmarks/bench_gpu.py --out r.json --plain --compile DiT-B/2:128 --grad-checkpointing both
     python benchmarks/bench_gpu.py --dry-run --out /tmp/dry.json          # CPU, tiny, fp32, 2 steps
 """
 
@@ -371,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="DeepSpeed precision (default bf16; fp32 with --dry-run)")
     p.add_argument("--grad-checkpointing", choices=("off", "on", "both"), default="off")
     p.add_argument("--plain", action="store_true", help="also plain PyTorch (autocast bf16, fused AdamW)")
-    p.add_argument("--compile", action="store_true", help="also plain PyTorch + torch.compile")
+    p.add_argument("--compile", nargs="*", default=None, metavar="NAME:BATCH",
+                   help="also plain PyTorch + torch.compile: for every configuration, or only the ones "
+                        "listed (e.g. DiT-B/2:128); each compiles anew (~1 min for XL)")
     p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed runs")
     p.add_argument("--fused-adam", action="store_true",
                    help="DeepSpeed runs with AdamW(fused=True) instead of dit.train.build_engine's AdamW")
@@ -441,9 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out, result)
 
     plan = []  # (variant, model, batch, grad_ckpt): DeepSpeed first, then plain, then compile
-    for variant, wanted in (("deepspeed", not args.no_deepspeed), ("plain", args.plain), ("compile", args.compile)):
+    compile_models = models if args.dry_run or not args.compile else parse_models(args.compile)
+    for variant, wanted, which in (("deepspeed", not args.no_deepspeed, models), ("plain", args.plain, models),
+                                   ("compile", args.compile is not None, compile_models)):
         if wanted:
-            plan += [(variant, name, b, gc_on) for name, batches in models for b in batches for gc_on in gc_modes]
+            plan += [(variant, name, b, gc_on) for name, batches in which for b in batches for gc_on in gc_modes]
 
     print(HEADER)
     print("-" * len(HEADER))
