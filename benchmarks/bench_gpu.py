@@ -299,7 +299,7 @@ def run_plain(name, overrides, batch, args, device, compile_model: bool) -> dict
     torch.manual_seed(0)
     with torch.device(device):
         model = create_model(mcfg)
-    model.train()
+    model.to(device).train()  # anything built outside the device context (numpy tables) follows
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=cuda)
     net = torch.compile(model) if compile_model else model
