@@ -402,7 +402,10 @@ class DiT(nn.Module):
         force_drop: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict (eps, variance logits) for latents x (N, C, H, W), timesteps t (N,), labels y (N,)."""
-        tokens = self.x_embedder(x) + self.pos_embed
+        # Run in the weights' dtype whatever the caller passes: under DeepSpeed bf16/fp16 the
+        # weights are cast but inputs (x_t from the diffusion, in fp32) and buffers are not.
+        dtype = self.x_embedder.proj.weight.dtype
+        tokens = self.x_embedder(x.to(dtype)) + self.pos_embed.to(dtype)
         t_emb = self.t_embedder(t)
         y_emb = self.y_embedder(y, self.training, force_drop)
         cond, n_image = self._condition(t_emb, y_emb), tokens.shape[1]

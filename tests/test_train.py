@@ -94,3 +94,10 @@ def test_bad_recipes_name_the_field(digits8):
     with pytest.raises(ConfigError, match=r"global_batch \(30\) must be divisible by workers \(4\)"):
         recipe(digits8, global_batch=30).accumulation(4)
     assert recipe(digits8, global_batch=32, micro_batch=4).accumulation(2) == (4, 4)
+
+
+def test_bf16_trains_through_deepspeed(digits8, tmp_path):
+    # DeepSpeed casts the weights to bf16 but neither the fp32 x_t from the diffusion nor the
+    # positional buffer; the model must run in its weights' dtype.
+    result, reports = run(recipe(digits8, steps=4, checkpoint_every=0, log_every=2, precision="bf16"), tmp_path)
+    assert result.step == 4 and all(math.isfinite(m["train/loss"]) for m, _ in reports)
