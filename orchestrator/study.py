@@ -99,7 +99,9 @@ def _claim_folder(paths: StudyPaths, spec: StudySpec, spec_path: Path, resume: b
 def cell_params(cell: Cell) -> dict[str, Any]:
     mc = cell.model_config()
     values = {
-        "model": cell.model if isinstance(cell.model, str) else json.dumps(cell.model, sort_keys=True),
+        # A readable name for every cell ("DiT-tiny/2" for a custom size); the full custom
+        # config goes in model_config.
+        "model": cell.model if isinstance(cell.model, str) else f"DiT-{cell.size}/{cell.patch_size}",
         "patch_size": mc.patch_size, "depth": mc.depth, "hidden_size": mc.hidden_size,
         "num_heads": mc.num_heads, "block": mc.block, "image_size": cell.image_size,
         "gflops": float(f"{cell.gflops:.6g}"), "params": cell.params,
@@ -107,7 +109,7 @@ def cell_params(cell: Cell) -> dict[str, Any]:
         "zero_stage": cell.train.zero_stage, "precision": cell.train.precision,
     }
     assert set(values) == set(TRIAL_PARAMS)
-    extra = {"workers": cell.workers, "tokens": cell.tokens, "micro_batch": cell.train.micro_batch,
+    extra = {"model_config": json.dumps(mc.to_dict(), sort_keys=True), "workers": cell.workers, "tokens": cell.tokens, "micro_batch": cell.train.micro_batch,
              "ema_decay": cell.train.ema_decay, "seed": cell.train.seed, "data": cell.train.data,
              **{f"axis.{k}": v for k, v in cell.axes.items()}}
     return {**values, **extra}
