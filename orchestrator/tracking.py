@@ -213,11 +213,16 @@ class MLflowSink:
     ``flush``, which the driver calls at the end with a longer patience.
     """
 
+    # After a failed send, later ``add`` calls only queue for this long, so an outage costs
+    # training one short stall per interval instead of one per report.
+    BACKOFF_S = 5.0
+
     def __init__(self, uri: str, run_id: str, prefix_skip: Iterable[str] = ("step",)):
         self.uri, self.run_id = uri, run_id
         self.skip = set(prefix_skip)
         self.pending: list[Any] = []
         self._client = None
+        self._next_try = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None}
@@ -230,7 +235,8 @@ class MLflowSink:
         for key, value in metrics.items():
             if key not in self.skip and isinstance(value, (int, float)):
                 self.pending.append(Metric(key, float(value), now, step))
-        self.flush(attempts=2)
+        if time.monotonic() >= self._next_try and not self.flush(attempts=2):
+            self._next_try = time.monotonic() + self.BACKOFF_S
 
     def flush(self, attempts: int = 30) -> bool:
         """Send what is pending; True when nothing is left."""
@@ -243,4 +249,5 @@ class MLflowSink:
             except Exception:
                 return False
             del self.pending[: len(batch)]
+        self._next_try = 0.0
         return True
