@@ -12,6 +12,9 @@ horizontal flip, V=1 without flips), ``KEY.cls`` (class index as text) and ``KEY
 assigned to shards by a seeded permutation (classes mixed), so reruns write the same shards;
 each shard is written under a temporary name and renamed, with a completion record in
 ``DIR/.prepare/``; a rerun skips finished shards. ``DIR/manifest.json`` is written last.
+For the digits, ``finish()`` first trains the small classifier behind digits FID
+(``DIR/features/digits_classifier.pt``, seeded, kept on reruns; see ``dit.features``) and
+records it under the manifest's ``features``.
 
 Reading::
 
@@ -361,6 +364,9 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     config: dict[str, Any] = field(default_factory=dict)
     config_hash: str = ""
+    # feature networks trained for this data set at prepare time (e.g. the digits classifier
+    # for digits FID): name -> {"path" (relative to the manifest), "sha256", ...}
+    features: dict[str, Any] = field(default_factory=dict)
     url: str | None = field(default=None, compare=False)  # where it was loaded from (not saved)
 
     @property
@@ -418,6 +424,7 @@ class Manifest:
                 format_version=int(d.get("format_version", FORMAT_VERSION)),
                 config=dict(d.get("config", {})),
                 config_hash=str(d.get("config_hash", "")),
+                features=dict(d.get("features", {})),
                 url=url,
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -588,6 +595,7 @@ class PrepareJob:
     config_hash: str
     pending: list[int]
     load_threads: int = 1
+    train_features: bool = True  # digits: train the FID feature classifier in finish()
 
     def _record_path(self, j: int) -> str:
         return os.path.join(self.out_dir, STATE_DIR, ShardPlan.name(j).replace(".tar", ".json"))
@@ -715,6 +723,7 @@ class PrepareJob:
                 f"{self.config['source'].get('root', self.config['source'].get('kind'))}: no readable images "
                 f"({len(skipped)} inputs skipped, e.g. {skipped[0]['key'] if skipped else '-'}). Fix: check the files are images PIL can open"
             )
+        features = self._feature_nets() if self.train_features else {}
         manifest = Manifest(
             num_samples=total,
             shards=[ShardInfo(r["name"], r["count"], r["sha256"], r["bytes"]) for r in recs if r["count"] > 0],
@@ -730,11 +739,27 @@ class PrepareJob:
             tool_version=_tool_version(),
             config=self.config,
             config_hash=self.config_hash,
+            features=features,
         )
         path = os.path.join(self.out_dir, MANIFEST_NAME)
         manifest.save(path)
         manifest.url = path
         return manifest
+
+
+    def _feature_nets(self) -> dict[str, Any]:
+        """Digits: the ``digits-cnn-v1`` classifier for FID (seeded, ~1-2 s on a CPU), kept
+        when a rerun finds one trained with the same settings."""
+        if getattr(self.source, "kind", None) != "digits":
+            return {}
+        from dit.features import DIGITS, DIGITS_FILE, digits_classifier_config, digits_classifier_record, train_digits_classifier
+
+        path = os.path.join(self.out_dir, DIGITS_FILE)
+        rec = digits_classifier_record(path, digits_classifier_config(self.source, seed=self.encode_seed))
+        if rec is None:
+            rec = train_digits_classifier(self.source, path, seed=self.encode_seed)
+        keep = ("sha256", "dim", "input_size", "heldout_accuracy", "seed")
+        return {DIGITS: {"path": DIGITS_FILE, **{k: rec[k] for k in keep}}}
 
 
 def _clean_output(out_dir: str) -> None:
@@ -758,11 +783,14 @@ def begin_prepare(
     encode_batch: int = 32,
     overwrite: bool = False,
     load_threads: int | None = None,
+    train_features: bool = True,
 ) -> PrepareJob:
     """Check the output folder, plan the shards, and list the ones still to write.
 
     A folder holding shards or a manifest made with different settings (encoder, image size,
-    inputs, shard size, …) is refused unless ``overwrite`` (which deletes them)."""
+    inputs, shard size, …) is refused unless ``overwrite`` (which deletes them).
+    ``train_features``: for the digits, ``finish()`` also trains the small classifier whose
+    features give digits FID (``features/digits_classifier.pt``, recorded in the manifest)."""
     out = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigError(f"--out {out}: is a file. Fix: pass a folder (it is created if missing)")
@@ -819,7 +847,8 @@ def begin_prepare(
         threads = min(8, os.cpu_count() or 1) if getattr(source, "parallel_load", False) else 1
     else:
         threads = max(1, int(load_threads))
-    job = PrepareJob(out, source, encoder, latent_shape, plan, bool(flip), int(encode_seed), int(encode_batch), config, chash, [], threads)
+    job = PrepareJob(out, source, encoder, latent_shape, plan, bool(flip), int(encode_seed), int(encode_batch), config, chash, [], threads,
+                     bool(train_features))
     job.pending = [j for j in range(plan.num_shards) if not job.is_complete(j)]
     return job
 

@@ -8,6 +8,12 @@ Exact resume: every random draw of step ``s`` on rank ``r`` comes from generator
 (seed, rank, s), and the data stream is restarted at the micro-batch it had reached, so a
 run resumed from step ``s`` repeats the uninterrupted run's steps after ``s`` bit for bit
 (on the same hardware and worker count).
+
+Evaluation (``cfg.eval``, see ``dit.evaluate``): every ``eval.every`` steps and at the end,
+all ranks sample with a copy of the EMA weights, compute features and all-reduce their
+sums; rank 0's FID (``eval/fid``, ...) joins that step's training metrics in the same
+``report`` call. Evaluation is seeded and never touches the training RNG or data stream, so
+exact resume holds with it on.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dit.diffusion import create_diffusion
 from dit.errors import ConfigError
+from dit.evaluate import EvalConfig
 from dit.models import DiT, DiTConfig, create_model, model_config, parse_model_name
 
 # DeepSpeed's ZeRO code calls torch.distributed APIs that torch now marks deprecated.
@@ -75,6 +82,15 @@ class TrainConfig(BaseModel):
     shuffle_buffer: int = Field(1000, ge=0)
     loader_workers: int = Field(0, ge=0)
     strict_data: bool = Field(False, description="fail on a corrupt shard instead of skipping it")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="in-loop evaluation (FID); off by default")
+
+    @model_validator(mode="after")
+    def _check_eval(self) -> "TrainConfig":
+        if self.eval.enabled and self.eval.steps > self.diffusion_steps:
+            raise ValueError(
+                f"eval.steps ({self.eval.steps}) cannot exceed diffusion_steps ({self.diffusion_steps})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_model(self) -> "TrainConfig":
@@ -364,6 +380,7 @@ def train(
 
     stream = open_stream(cfg, micro, rank, world, start_batch=step * accum)
     batches = iter(stream)
+    evaluator, eval_model = _build_evaluator(cfg, manifest, mcfg, diffusion, device)
     staging = Path(checkpoint_root) if checkpoint_root else None
     window = _Window()
     history: list[dict[str, float]] = []
@@ -400,8 +417,12 @@ def train(
             fault(step, engine)
 
         checkpoint_now = step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-        if step % cfg.log_every == 0 or checkpoint_now:
+        eval_now = evaluator is not None and cfg.eval.due(step, cfg.steps)
+        if step % cfg.log_every == 0 or checkpoint_now or eval_now:
             metrics = window.metrics(step, images_seen, gflops, stream, device)
+            if eval_now:
+                copy_ema(eval_model, ema)
+                metrics.update(evaluator.run(eval_model))
             history.append(metrics)
             ckpt_dir = None
             if checkpoint_now:
@@ -415,6 +436,29 @@ def train(
 
     return TrainResult(step, images_seen, history[-1]["train/loss"] if history else float("nan"),
                        last_ckpt, history)
+
+
+def _build_evaluator(cfg: TrainConfig, manifest, mcfg: DiTConfig, diffusion, device: torch.device):
+    """The evaluator (extractor, codec and reference statistics loaded: a bad eval setup fails
+    before the first step) and a model to hold EMA copies; (None, None) when eval is off."""
+    if not cfg.eval.enabled:
+        return None, None
+    from dit.evaluate import Evaluator
+
+    evaluator = Evaluator(cfg.eval, manifest=manifest, diffusion=diffusion, device=device,
+                          random_flip=cfg.random_flip).setup()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        eval_model = create_model(mcfg).to(device).eval().requires_grad_(False)
+    return evaluator, eval_model
+
+
+@torch.no_grad()
+def copy_ema(model: torch.nn.Module, ema: EMA) -> torch.nn.Module:
+    """Load the EMA weights into ``model`` (same architecture), device to device."""
+    params = dict(model.named_parameters())
+    for name, shadow in zip(ema.names, ema.shadow):
+        params[name].copy_(shadow)
+    return model
 
 
 def _compute_dtype(precision: str) -> torch.dtype:

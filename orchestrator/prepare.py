@@ -9,7 +9,9 @@ is fixed, so any actor writes the same bytes). The driver assembles ``DIR/manife
 the end. ``--local`` encodes in this process (no Ray). With ``--address``/``RAY_ADDRESS`` the
 job joins that cluster (image folder and ``--out`` must then be on storage every node sees);
 otherwise a private local Ray instance is started, bound to 127.0.0.1. Rerunning the same
-command resumes: finished shards are skipped.
+command resumes: finished shards are skipped. ``prepare digits`` also trains the small
+classifier whose features give digits FID (``DIR/features/digits_classifier.pt``;
+``--no-features`` skips it).
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = sub.add_parser("digits", help="scikit-learn's bundled handwritten digits (1,797 images, 10 classes, no download)",
                        description="Built-in demo data: sklearn digits upscaled to --image-size, 1 channel.")
     _common(d, vae_required=False, default_vae="identity", default_size=16)
+    d.add_argument("--no-features", action="store_true",
+                   help="skip training the small digits classifier behind digits FID (eval.features: digits-cnn-v1)")
     f = sub.add_parser("folder", help="an image folder in ImageNet layout (IMAGES/<class>/<image>)",
                        description="Encode IMAGES/<class>/<image>; class index = sorted folder order.")
     f.add_argument("images", metavar="IMAGES", help="folder with one subfolder per class")
@@ -160,6 +164,7 @@ def main(args: argparse.Namespace) -> int:
         source, codec, args.out,
         shard_size=args.shard_size, shard_bytes=args.shard_bytes, flip=not args.no_flip,
         shuffle_seed=args.seed, encode_seed=args.seed, encode_batch=args.encode_batch, overwrite=args.overwrite,
+        train_features=not getattr(args, "no_features", False),
     )
     total = job.plan.num_shards
     print(f"prepare {args.prepare_source}: {len(source)} inputs → {total} shards of ≤{job.plan.shard_size} in {job.out_dir} "
@@ -175,6 +180,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"wrote {manifest.url}: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
           f"latents {manifest.latent_shape} float16 × {manifest.scale_factor}, {manifest.num_skipped_inputs} inputs skipped",
           flush=True)
+    for name, rec in manifest.features.items():
+        print(f"feature network {name}: {rec['path']} (held-out accuracy {rec.get('heldout_accuracy')})", flush=True)
     if manifest.skipped_inputs:
         for s in manifest.skipped_inputs[:10]:
             print(f"  skipped {s['key']}: {s['error']}", file=sys.stderr)

@@ -61,6 +61,7 @@ from pydantic import (
 from pydantic_core import PydanticUndefined
 
 from dit.errors import ConfigError
+from dit.evaluate import EvalConfig
 from dit.models import BLOCKS, SIZES, DiTConfig
 from dit.train import TrainConfig, resolve_model
 
@@ -70,8 +71,9 @@ if TYPE_CHECKING:
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 DEFAULT_BLOCK = "adaln-zero"
 FLOPS_PER_MAC = 2  # hardware FLOPs per multiply-add (fvcore counts one)
-# TrainConfig fields a spec sets elsewhere: grid.size/grid.patch -> model, grid.block, data.manifest.
-CELL_FIELDS = ("model", "block", "data")
+# TrainConfig fields a spec sets elsewhere: grid.size/grid.patch -> model, grid.block, data.manifest,
+# and the top-level eval section.
+CELL_FIELDS = ("model", "block", "data", "eval")
 # Short labels for recipe axes in cell names (other fields use their own name).
 AXIS_LABELS = {
     "global_batch": "bs",
@@ -254,23 +256,13 @@ class Grid(_Strict):
         return value
 
 
-class EvalSpec(_Strict):
-    """In-loop evaluation (FID). A placeholder the evaluation issue fills in; off by default."""
+class EvalSpec(EvalConfig):
+    """In-loop evaluation (FID), off by default: every cell's ``TrainConfig.eval``.
 
-    enabled: bool = False
-    every: int | None = Field(None, ge=1, description="steps between evaluations; null = only at the end")
-    at_end: bool = Field(True, description="evaluate the final EMA weights")
-    num_samples: int = Field(50_000, ge=1, description="generated images per FID (the paper: 50K)")
-    batch_size: int | None = Field(None, ge=1, description="samples per worker per sampler call")
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    steps: int = Field(250, ge=1, description="respaced sampling steps (the paper: 250 DDPM steps)")
-    cfg_scale: float = Field(1.0, ge=0, description="classifier-free guidance scale; 1 = none (paper headline 1.5)")
-    cfg_channels: Literal["all", "first3"] = Field(
-        "all", description="'first3' reproduces the reference code's guidance on 3 of 4 latent channels"
-    )
-    features: str = Field("inception-v3-tf", description="feature extractor; FIDs only compare within one")
-    reference: str | None = Field(None, description="reference statistics (.npz) or a manifest of real images")
-    seed: int = 0
+    The fields are ``dit.evaluate.EvalConfig``'s. ``reference`` and ``feature_weights`` may be
+    relative to the spec file's folder. When the manifest exists, a spec with evaluation on
+    loads only if its feature extractor is available (weights file, packages).
+    """
 
 
 class WorkerResources(_Strict):
@@ -322,6 +314,7 @@ class StudySpec(_Strict):
     cost: Cost = Field(default_factory=Cost)
 
     _source: str = PrivateAttr("spec")
+    _base_dir: Path | None = PrivateAttr(None)
     _data: DataInfo | None = PrivateAttr(None)
     _cells: list[Cell] | None = PrivateAttr(None)
 
@@ -582,7 +575,8 @@ def parse_spec(raw: Any, *, source: str = "spec", base_dir: str | os.PathLike[st
     except ValidationError as err:
         raise ConfigError("\n".join(f"{source}: {line}" for line in _errors(err))) from None
     spec._source = source
-    spec._data = _resolve_data(spec, Path(base_dir) if base_dir is not None else Path.cwd())
+    spec._base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
+    spec._data = _resolve_data(spec, spec._base_dir)
     spec._cells = _expand(spec)
     return spec
 
@@ -717,7 +711,7 @@ def _expand(spec: StudySpec) -> list[Cell]:
     axes: dict[str, list[Any]] = {}
     for key, values in grid.recipe.items():
         if key not in RECIPE_FIELDS:
-            hint = "use grid.size/grid.patch/grid.block/data.manifest" if key in CELL_FIELDS else f"allowed: {', '.join(RECIPE_FIELDS)}"
+            hint = "use grid.size/grid.patch/grid.block/data.manifest/eval" if key in CELL_FIELDS else f"allowed: {', '.join(RECIPE_FIELDS)}"
             problems.add(f"grid.recipe.{key}", f"not a recipe field; {hint}")
             continue
         if not values:
@@ -807,9 +801,11 @@ def _expand(spec: StudySpec) -> list[Cell]:
     problems.raise_if_any()
 
     # Cells: a TrainConfig and a TrialConfig each (their validators are the rules).
+    eval_cfg = _resolve_eval(spec, problems)
     cells: list[Cell] = []
     for name, d in named:
-        merged = {**base, **d.recipe, "model": d.size.model(d.patch), "block": d.block, "data": data.manifest}
+        merged = {**base, **d.recipe, "model": d.size.model(d.patch), "block": d.block, "data": data.manifest,
+                  "eval": eval_cfg}
         try:
             train = TrainConfig.model_validate(merged)
         except ValidationError as err:
@@ -823,6 +819,8 @@ def _expand(spec: StudySpec) -> list[Cell]:
                     where = "grid.block"
                 elif key == "data":
                     where = "data.manifest"
+                elif key == "eval":
+                    where = _join("eval", e["loc"][1:])
                 elif key is not None:
                     where = _loc(["recipe", *e["loc"]])
                 else:
@@ -861,6 +859,30 @@ def _expand(spec: StudySpec) -> list[Cell]:
         cells.append(cell)
     problems.raise_if_any()
     return cells
+
+
+def _resolve_eval(spec: StudySpec, problems: _Problems) -> dict[str, Any]:
+    """The eval section as every cell's TrainConfig gets it: local paths made absolute against
+    the spec's folder; with evaluation on and the data present, the extractor must be available."""
+    ev = spec.eval.model_dump()
+    base = spec._base_dir or Path.cwd()
+    for key in ("reference", "feature_weights"):
+        value = ev.get(key)
+        if value and not _is_remote(value):
+            ev[key] = os.path.normpath(os.path.join(base, os.path.expanduser(value.removeprefix("file://"))))
+    if spec.eval.enabled and spec.data_info.exists:
+        from dit.features import check_extractor
+        from dit.latents import Manifest
+
+        try:
+            check_extractor(ev["features"], manifest=Manifest.load(spec.data_info.manifest), weights=ev["feature_weights"])
+        except ConfigError as err:
+            problems.add("eval.features", str(err))
+        ref = ev.get("reference")
+        if ref and not _is_remote(ref) and not os.path.exists(ref):
+            problems.add("eval.reference", f"{ref} does not exist (an ADM-style .npz or a latent manifest)")
+        problems.raise_if_any()
+    return ev
 
 
 def _check_dims(problems: _Problems, where: str, size: SizeEntry, data: DataInfo) -> None:

@@ -115,6 +115,14 @@ def cell_params(cell: Cell) -> dict[str, Any]:
     return {**values, **extra}
 
 
+def cell_tags(cell: Cell) -> dict[str, str]:
+    """Tags of a trial's child run that depend on the cell: how its FID is made (eval.features,
+    eval.num_samples, eval.sampler, eval.steps, eval.cfg_scale, ...; none with eval off)."""
+    from dit.evaluate import eval_tags
+
+    return eval_tags(cell.train.eval, cell.image_size)
+
+
 def cells_table(cells: list[Cell]) -> list[dict[str, Any]]:
     return [
         {"cell": c.name, "model": c.model if isinstance(c.model, str) else c.name, "block": c.block,
@@ -167,7 +175,8 @@ def _trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
         return
     tracker = StudyTracker(context["uri"], context["study"], context["experiment"], None)
     run_id = tracker.trial_run(
-        cell.name, cell_params(cell), context["trial_tags"], paths.trial(cell.name) / RUN_ID_FILE
+        cell.name, cell_params(cell), {**context["trial_tags"], **cell_tags(cell)},
+        paths.trial(cell.name) / RUN_ID_FILE,
     )
     sink = MLflowSink(context["uri"], run_id)
     outcome = run_trial(
