@@ -123,6 +123,10 @@ class TrainResult:
     metrics: list[dict[str, float]] = field(default_factory=list)
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, unwritable storage); earlier ones are intact."""
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; the trial stops at once with the step and the value."""
 
@@ -167,7 +171,9 @@ def deepspeed_config(cfg: TrainConfig, micro: int, accum: int) -> dict[str, Any]
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        # memory_efficient_linear would replace torch.nn.functional.linear process-wide (for
+        # every later model, and fvcore's Gflops count) with ZeRO-3's own autograd function.
+        "zero_optimization": {"stage": cfg.zero_stage, "memory_efficient_linear": False},
         "bf16": {"enabled": cfg.precision == "bf16"},
         "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 2**31 - 1,
@@ -252,22 +258,57 @@ def save_checkpoint(engine, ema: EMA, directory: Path, state: dict[str, Any], ra
     Files are written under a temporary name and the directory is complete only once
     ``trainer_state.json`` exists (written last), so a half-written checkpoint is never read.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"ditscale_step": state["step"]})
-    if rank == 0:
-        tmp = directory / (EMA_FILE + ".tmp")
-        torch.save(ema.state_dict(), tmp)
-        tmp.replace(directory / EMA_FILE)
-        tmp = directory / (CHECKPOINT_STATE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(directory / CHECKPOINT_STATE)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        engine.save_checkpoint(str(directory), tag=DS_TAG, client_state={"ditscale_step": state["step"]})
+        if rank == 0:
+            tmp = directory / (EMA_FILE + ".tmp")
+            torch.save(ema.state_dict(), tmp)
+            tmp.replace(directory / EMA_FILE)
+            tmp = directory / (CHECKPOINT_STATE + ".tmp")
+            tmp.write_text(json.dumps(state, indent=2))
+            tmp.replace(directory / CHECKPOINT_STATE)
+    except (OSError, RuntimeError) as err:  # disk full, unwritable, quota: torch wraps some as RuntimeError
+        shutil.rmtree(directory, ignore_errors=True)  # never leave a half checkpoint behind
+        raise CheckpointWriteError(
+            f"cannot write the step-{state['step']} checkpoint to {directory}: {err}. Earlier "
+            "checkpoints are untouched; free space or fix the storage path, then resume"
+        ) from err
     dist.barrier()
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The few DeepSpeed classes its checkpoint shards pickle, besides tensors and plain types."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def verify_checkpoint_files(directory: Path) -> None:
+    """Refuse a checkpoint whose pickles hold anything but tensors, plain data and the allowlist.
+
+    DeepSpeed's own loader calls ``torch.load(weights_only=False)``; reading every file once
+    with ``weights_only=True`` first means a tampered shard is rejected before it can run code.
+    """
+    allowed = _deepspeed_safe_globals()
+    for path in sorted(directory.rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ConfigError(
+                f"checkpoint file {str(path)!r} is not loadable with weights_only=True "
+                f"({str(err).splitlines()[-1][:300]}); refusing to resume from it"
+            ) from None
 
 
 def load_checkpoint(engine, ema: EMA, directory: Path) -> dict[str, Any]:
     state_file = directory / CHECKPOINT_STATE
     if not state_file.is_file():
         raise ConfigError(f"checkpoint {str(directory)!r} is incomplete: no {CHECKPOINT_STATE}")
+    verify_checkpoint_files(directory)
     load_path, _ = engine.load_checkpoint(str(directory), tag=DS_TAG)
     if load_path is None:
         raise ConfigError(f"checkpoint {str(directory)!r} has no DeepSpeed state under {DS_TAG}/")
@@ -360,6 +401,8 @@ def train(
     from dit.latents import Manifest
 
     rank, world, device = init_distributed()
+    if cfg.precision == "fp16" and device.type == "cpu":
+        raise ConfigError("precision fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32")
     micro, accum = cfg.accumulation(world)
     manifest = Manifest.load(cfg.data)
     mcfg = resolve_model(cfg, manifest)

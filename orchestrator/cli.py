@@ -24,6 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, ...]] = {
     "resume": ("orchestrator.study_cli", "finish an interrupted study (finished cells are not rerun)",
                "add_arguments", "resume_main"),
     "status": ("orchestrator.study_cli", "per-cell status of a study", "add_status_arguments", "status_main"),
+    "cancel": ("orchestrator.study_cli", "stop a running study (resume continues it)", "add_status_arguments",
+               "cancel_main"),
     "train": ("orchestrator.train_cli", "run one trial (one model) with Ray Train + DeepSpeed"),
     "export": ("orchestrator.export_cli", "export a checkpoint's EMA weights as a plain state dict"),
     "report": ("orchestrator.report_cli", "fit scaling laws, plot and write a study's report (or a published table's)"),

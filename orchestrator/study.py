@@ -4,7 +4,7 @@ Study folder (``<storage>/<study name>/``)::
 
     study.json            spec hash and file, written when the study is created
     mlflow.db, mlartifacts/   the default tracking store (sqlite) and its artifacts
-    tune/                 Ray Tune's experiment (Tuner.restore resumes it)
+    tune-N/               Ray Tune's experiment of the N-th run or resume
     trials/<cell>/        Ray Train run: checkpoints, metrics.jsonl, mlflow_run_id, outcome.json
 
 Each Tune trial is a function trainable that fits the cell's TorchTrainer (the Ray Train V2
@@ -25,6 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from dit.errors import ConfigError
+from orchestrator.progress import (
+    CANCEL_FILE,
+    ProgressPrinter,
+    eta_seconds,
+    last_metrics,
+    make_cancel_stopper,
+    request_cancel,
+)
 from orchestrator.spec import Cell, StudySpec, load_spec, order_by_cost
 from orchestrator.tracking import (
     RUN_ID_FILE,
@@ -225,6 +233,7 @@ class StudyOutcome:
     tracking_uri: str
     parent_run_id: str
     outcomes: dict[str, dict[str, Any] | None]
+    cancelled: bool = False
 
     @property
     def ok(self) -> bool:
@@ -253,6 +262,7 @@ def run_study(
     uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri, paths.root)
     check_reachable(uri)
     existed = _claim_folder(paths, spec, spec_path, resume)
+    (paths.root / CANCEL_FILE).unlink(missing_ok=True)  # running again lifts a cancel
     ensure_ray(address)
 
     tracker = StudyTracker(uri, spec.name, spec.tracking.experiment, paths.root / "mlartifacts")
@@ -267,23 +277,38 @@ def run_study(
     # A nominal memory request (a resource every node has) keeps it from taking a CPU slot.
     driver = {"CPU": 0, "memory": 2**20}
     trainable = tune.with_resources(tune.with_parameters(_trial_fn, context=context), driver)
-    tune_dir = paths.root / "tune"
-    if tune.Tuner.can_restore(str(tune_dir)):
-        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"cell": tune.grid_search([c.name for c in cells])},  # cost order
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=max_concurrent(cells, spec.resources.max_concurrent_trials)
-            ),
-            run_config=tune.RunConfig(name="tune", storage_path=str(paths.root), verbose=0),
-        )
-    tuner.fit()
+    # Every run or resume is a fresh Tune experiment over the cells that have not ended.
+    # (Tuner.restore would not do: Tune marks trials stopped by a cancel as TERMINATED and
+    # would never rerun them. Finished cells are known from their outcome.json instead, and
+    # an interrupted cell resumes from its Ray Train checkpoint inside run_trial.)
+    pending = [c for c in cells if paths.outcome(c.name) is None]
+    attempt = len(list(paths.root.glob("tune-*"))) + 1
+    tuner = pending and tune.Tuner(
+        trainable,
+        param_space={"cell": tune.grid_search([c.name for c in pending])},  # cost order
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=max_concurrent(pending or cells, spec.resources.max_concurrent_trials)
+        ),
+        run_config=tune.RunConfig(name=f"tune-{attempt}", storage_path=str(paths.root), verbose=0,
+                                  stop=make_cancel_stopper(paths.root)),
+    )
+    with ProgressPrinter(paths.trials, pending):
+        if pending:
+            tuner.fit()
     outcomes = {c.name: paths.outcome(c.name) for c in cells}
-    result = StudyOutcome(spec.name, paths.root, uri, tracker.parent_id, outcomes)
-    tracker.finish_study("FINISHED" if result.ok else "FAILED")
+    cancelled = (paths.root / CANCEL_FILE).exists()
+    result = StudyOutcome(spec.name, paths.root, uri, tracker.parent_id, outcomes, cancelled)
+    tracker.finish_study("KILLED" if cancelled else "FINISHED" if result.ok else "FAILED")
     return result
+
+
+def cancel_study(spec_path: str | Path, storage: str | None = None) -> Path:
+    """Ask a running study to stop (its driver sees the file); `ditscale resume` continues it."""
+    spec = load_spec(spec_path)
+    paths = study_paths(spec, storage)
+    if not (paths.root / STATE_FILE).is_file():
+        raise ConfigError(f"no study at {paths.root}; nothing to cancel")
+    return request_cancel(paths.root)
 
 
 def study_status(spec_path: str | Path, storage: str | None = None) -> list[dict[str, Any]]:
@@ -293,11 +318,7 @@ def study_status(spec_path: str | Path, storage: str | None = None) -> list[dict
     rows = []
     for cell in order_by_cost(spec.cells()):
         outcome = paths.outcome(cell.name)
-        metrics = paths.trial(cell.name) / "metrics.jsonl"
-        last: dict[str, Any] = {}
-        if metrics.is_file():
-            lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-            last = json.loads(lines[-1]) if lines else {}
+        last = last_metrics(paths.trial(cell.name))
         if outcome:
             status = outcome["status"]
         elif last:
@@ -307,7 +328,18 @@ def study_status(spec_path: str | Path, storage: str | None = None) -> list[dict
         rows.append({
             "cell": cell.name, "gflops": cell.gflops, "status": status,
             "step": int(last.get("step", 0)), "steps": cell.train.steps,
-            "loss": last.get("train/loss", math.nan),
+            "loss": last.get("train/loss", math.nan), "fid": last_fid(paths.trial(cell.name)),
+            "eta_s": None if outcome else eta_seconds(last, cell.train.steps, cell.train.global_batch),
             "reason": (outcome or {}).get("reason"),
         })
     return rows
+
+
+def last_fid(trial_dir: Path) -> float | None:
+    """The latest eval/fid in a trial's metric log, if it has evaluated yet."""
+    path = trial_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    fids = [row["eval/fid"] for row in map(json.loads, filter(str.strip, path.read_text().splitlines()))
+            if "eval/fid" in row]
+    return fids[-1] if fids else None

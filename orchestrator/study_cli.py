@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print_outcome(result) -> None:
-    print(f"study {result.name}: {'finished' if result.ok else 'not all cells finished'}")
+    state = "cancelled" if result.cancelled else "finished" if result.ok else "not all cells finished"
+    print(f"study {result.name}: {state}")
     for cell, outcome in result.outcomes.items():
         status = outcome["status"] if outcome else "not run"
         reason = f" ({outcome['reason']})" if outcome and outcome.get("reason") else ""
@@ -63,10 +64,23 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
 def status_main(args: argparse.Namespace) -> int:
     from orchestrator.study import study_status
 
+    from orchestrator.progress import format_eta
+
     rows = study_status(args.spec, args.storage)
-    print(f"{'cell':<28} {'Gflops':>9} {'status':<9} {'step':>13} {'loss':>8}")
+    print(f"{'cell':<28} {'Gflops':>9} {'status':<9} {'step':>15} {'loss':>8} {'FID':>8} {'ETA':>6}")
     for r in rows:
         loss = "" if math.isnan(r["loss"]) else f"{r['loss']:.4f}"
-        print(f"{r['cell']:<28} {r['gflops']:>9.3f} {r['status']:<9} {r['step']:>6}/{r['steps']:<6} {loss:>8}"
-              + (f"  {r['reason']}" if r["reason"] else ""))
+        fid = "" if r["fid"] is None else f"{r['fid']:.2f}"
+        eta = format_eta(r["eta_s"]) if r["status"] == "started" else ""
+        print(f"{r['cell']:<28} {r['gflops']:>9.3f} {r['status']:<9} {r['step']:>7}/{r['steps']:<7} "
+              f"{loss:>8} {fid:>8} {eta:>6}" + (f"  {r['reason']}" if r["reason"] else ""))
+    return 0
+
+
+def cancel_main(args: argparse.Namespace) -> int:
+    from orchestrator.study import cancel_study
+
+    path = cancel_study(args.spec, args.storage)
+    print(f"cancel requested ({path}); the running driver stops its trials at their next report. "
+          "`ditscale resume` continues the study from its checkpoints.")
     return 0

@@ -135,3 +135,26 @@ def test_resume_of_a_study_that_never_ran_is_refused(tmp_path, digits8, capsys):
     spec = write_spec(tmp_path, digits8)
     assert cli(["resume", str(spec)]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cancel_stops_a_running_study_and_resume_finishes_it(tmp_path, digits8):
+    spec = write_spec(tmp_path, digits8, name="cancelme", steps=400)
+    root = tmp_path / "runs" / "cancelme"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--no-report"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(
+        len(p.read_text().splitlines()) >= 2 for p in root.glob("trials/*/metrics.jsonl")
+    ):
+        time.sleep(0.5)
+    assert cli(["cancel", str(spec)]) == 0
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "study cancelme: cancelled" in out
+    assert not all((root / "trials" / c / "outcome.json").exists() for c in ("DiT-tiny-2", "DiT-tiny-4"))
+    c, runs = children(f"sqlite:///{root / 'mlflow.db'}", "cancelme")
+    parent = next(r for r in c.search_runs([runs[0].info.experiment_id]) if r.data.tags.get(TAG_KIND) == "study")
+    assert parent.info.status == "KILLED"
+    assert cli(["resume", str(spec), "--no-report"]) == 0
+    assert all(json.loads((root / "trials" / c / "outcome.json").read_text())["step"] == 400
+               for c in ("DiT-tiny-2", "DiT-tiny-4"))

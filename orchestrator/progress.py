@@ -1,0 +1,117 @@
+"""Live progress and cancellation of a running study, both read from the study folder.
+
+The trials' controllers append each step's metrics to ``trials/<cell>/metrics.jsonl``; the
+driver prints one line per running trial from those files (on a terminal only), and a
+``CANCEL`` file written by ``ditscale cancel`` stops the study through a Tune stopper, on
+whatever host the driver runs, as long as the folder is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+CANCEL_FILE = "CANCEL"
+
+
+def last_metrics(trial_dir: Path) -> dict[str, Any]:
+    path = trial_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    with path.open("rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - 8192))  # the last line is all we need
+        lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    try:
+        return json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:  # a line being written right now
+        return json.loads(lines[-2]) if len(lines) > 1 else {}
+
+
+def eta_seconds(metrics: dict[str, Any], steps: int, global_batch: int) -> float | None:
+    rate = metrics.get("train/images_per_s")
+    if not rate:
+        return None
+    return max(0, steps - int(metrics.get("step", 0))) * global_batch / rate
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 60:.1f}m" if seconds >= 90 else f"{seconds:.0f}s"
+
+
+def progress_line(cell: str, metrics: dict[str, Any], steps: int, global_batch: int) -> str:
+    step = int(metrics.get("step", 0))
+    fid = metrics.get("eval/fid")
+    return (
+        f"  {cell:<28} step {step:>7}/{steps:<7} loss {metrics.get('train/loss', float('nan')):.4f}"
+        f"  {metrics.get('train/images_per_s', 0.0):8.1f} img/s"
+        + (f"  FID {fid:.2f}" if fid is not None else "")
+        + f"  ETA {format_eta(eta_seconds(metrics, steps, global_batch))}"
+    )
+
+
+class ProgressPrinter:
+    """Prints running trials every ``interval`` seconds while a study runs (TTY only)."""
+
+    def __init__(self, trials_dir: Path, cells: list[Any], interval: float = 15.0,
+                 stream: TextIO | None = None, force: bool = False):
+        self.trials_dir, self.cells, self.interval = trials_dir, cells, interval
+        self.stream = stream or sys.stdout
+        self.enabled = force or self.stream.isatty()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> "ProgressPrinter":
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def snapshot(self) -> list[str]:
+        lines = []
+        for cell in self.cells:
+            trial = self.trials_dir / cell.name
+            if (trial / "outcome.json").is_file():
+                continue
+            metrics = last_metrics(trial)
+            if metrics:
+                lines.append(progress_line(cell.name, metrics, cell.train.steps, cell.train.global_batch))
+        return lines
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            lines = self.snapshot()
+            if lines:
+                print(time.strftime("%H:%M:%S") + " running:", *lines, sep="\n", file=self.stream, flush=True)
+
+
+def make_cancel_stopper(root: Path):
+    """A Tune stopper that ends the whole study once ``root/CANCEL`` exists."""
+    from ray import tune
+
+    class CancelStopper(tune.Stopper):
+        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return (root / CANCEL_FILE).exists()
+
+    return CancelStopper()
+
+
+def request_cancel(root: Path, reason: str = "cancelled by user") -> Path:
+    path = root / CANCEL_FILE
+    path.write_text(json.dumps({"reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    return path
