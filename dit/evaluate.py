@@ -21,6 +21,10 @@ across the ranks, cached next to the manifest as ``features/reference-<extractor
 Optional: Inception Score (extractors with logits; mergeable sums too) and k-NN
 precision/recall (features of up to ``pr_samples`` images gathered to rank 0).
 
+Sample grids. ``Evaluator.run(model, grid_path=...)`` also writes a PNG of rank 0's first
+samples (class-balanced: one row per class when there are at most 16 classes, else the first
+64 distinct classes), upscaled with nearest-neighbour so each cell is at least 64 px.
+
 Evaluation never draws from the global RNG (it runs under ``fork_rng`` and seeded
 generators), so training after an evaluation is bit-identical to training without one.
 """
@@ -56,8 +60,11 @@ __all__ = [
     "evaluate",
     "generate",
     "quantize_images",
+    "load_checkpoint_model",
     "rank_chunks",
     "reference_statistics",
+    "sample_grid",
+    "save_sample_grid",
 ]
 
 REFERENCE_VERSION = 1
@@ -447,6 +454,100 @@ def reference_statistics(
 
 
 # --------------------------------------------------------------------------------------------
+# Sample grids
+# --------------------------------------------------------------------------------------------
+
+GRID_IMAGES = 64
+GRID_MIN_CELL_PX = 64
+
+
+def grid_layout(num_classes: int, max_images: int = GRID_IMAGES) -> tuple[int, int]:
+    """(rows, per-class quota): a row per class for up to 16 classes, else one sample of each
+    of the first ``max_images`` classes met, 8 to a row."""
+    if 1 <= num_classes <= 16:
+        return num_classes, max(1, min(8, max_images // num_classes))
+    return math.ceil(max_images / 8), 1
+
+
+class _GridPool:
+    """Keeps, from images in sample order, what the grid needs (at most ``max_images``)."""
+
+    def __init__(self, num_classes: int, max_images: int = GRID_IMAGES) -> None:
+        self.num_classes, self.max_images = num_classes, max_images
+        self.rows, self.quota = grid_layout(num_classes, max_images)
+        self.picked: dict[int, list[torch.Tensor]] = {}
+        self.order: list[int] = []  # classes in the order first met (many-class layout)
+        self.count = 0
+
+    @property
+    def full(self) -> bool:
+        return self.count >= (self.rows * self.quota if self.num_classes <= 16 else self.max_images)
+
+    def add(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        for img, y in zip(images, labels.tolist()):
+            if self.full:
+                return
+            have = self.picked.setdefault(int(y), [])
+            if len(have) >= self.quota:
+                continue
+            if not have:
+                self.order.append(int(y))
+            have.append(img.detach().float().cpu())
+            self.count += 1
+
+    def cells(self) -> list[list[torch.Tensor | None]]:
+        if self.num_classes <= 16:
+            return [(self.picked.get(c, []) + [None] * self.quota)[: self.quota] for c in range(self.num_classes)]
+        flat = [self.picked[c][0] for c in self.order]
+        return [flat[i : i + 8] + [None] * (8 - len(flat[i : i + 8])) for i in range(0, len(flat), 8)]
+
+
+def _to_uint8(img: torch.Tensor) -> np.ndarray:
+    """(C, H, W) in [-1, 1] -> (H, W) or (H, W, 3) uint8; other channel counts show channel means."""
+    x = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if x.shape[0] == 3:
+        return x.permute(1, 2, 0).numpy()
+    if x.shape[0] == 1:
+        return x[0].numpy()
+    return x[:3].permute(1, 2, 0).numpy() if x.shape[0] > 3 else x.float().mean(0).round().to(torch.uint8).numpy()
+
+
+def sample_grid(rows: list[list[torch.Tensor | None]], min_cell_px: int = GRID_MIN_CELL_PX, pad: int = 2) -> np.ndarray:
+    """A (H, W, 3) uint8 mosaic of images in [-1, 1]; empty cells stay dark grey."""
+    first = next((c for r in rows for c in r if c is not None), None)
+    if first is None:
+        raise ValueError("a sample grid needs at least one image")
+    h, w = first.shape[-2:]
+    scale = max(1, math.ceil(min_cell_px / max(min(h, w), 1)))
+    ch, cw = h * scale, w * scale
+    ncols = max(len(r) for r in rows)
+    out = np.full((len(rows) * (ch + pad) + pad, ncols * (cw + pad) + pad, 3), 32, np.uint8)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            if img is None:
+                continue
+            a = _to_uint8(img)
+            if a.ndim == 2:
+                a = np.repeat(a[..., None], 3, axis=2)
+            a = a.repeat(scale, 0).repeat(scale, 1)
+            y0, x0 = pad + i * (ch + pad), pad + j * (cw + pad)
+            out[y0 : y0 + ch, x0 : x0 + cw] = a
+    return out
+
+
+def save_sample_grid(rows: list[list[torch.Tensor | None]], path: str | Path, **kw: Any) -> Path:
+    """Write :func:`sample_grid` as a PNG (atomically: a reader never sees half a file)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(sample_grid(rows, **kw)).save(tmp, format="PNG")
+    tmp.replace(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
 # The evaluator
 # --------------------------------------------------------------------------------------------
 
@@ -499,8 +600,11 @@ class Evaluator:
         return self
 
     @torch.no_grad()
-    def run(self, model: Any) -> dict[str, float]:
-        """Sample with ``model`` (eval mode, e.g. the EMA weights) and score; collective."""
+    def run(self, model: Any, *, grid_path: str | Path | None = None) -> dict[str, float]:
+        """Sample with ``model`` (eval mode, e.g. the EMA weights) and score; collective.
+
+        ``grid_path``: rank 0 also saves a PNG grid of its first samples there (other ranks
+        ignore it). A grid that cannot be written is a warning, never a failed evaluation."""
         self.setup()
         cfg, ext = self.cfg, self.extractor
         assert ext is not None
@@ -513,12 +617,15 @@ class Evaluator:
         classes = ClassStats(ext.num_classes, self.device) if want_is else None
         kept: list[tuple[int, torch.Tensor]] = []
         m = self.manifest
+        pool = _GridPool(m.num_classes) if grid_path is not None and self.rank == 0 else None
         fork = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork):
-            for lo, _hi, images, _y in generate(
+            for lo, _hi, images, y in generate(
                 model, self.diffusion, cfg, latent_shape=tuple(m.latent_shape), num_classes=m.num_classes,
                 device=self.device, codec=self.codec, rank=self.rank, world_size=self.world,
             ):
+                if pool is not None and not pool.full:
+                    pool.add(quantize_images(images.float()) if cfg.quantize else images, y)
                 feats, logits = _features_of(images, ext, cfg.quantize, logits=want_is)
                 stats.update(feats)
                 if classes is not None and logits is not None:
@@ -548,6 +655,11 @@ class Evaluator:
                 metrics["eval/precision"], metrics["eval/recall"] = p, r
             seconds = time.perf_counter() - t0
             metrics["eval/seconds"] = seconds
+            if pool is not None and pool.count:
+                try:
+                    save_sample_grid(pool.cells(), grid_path)
+                except (OSError, ValueError) as err:
+                    warnings.warn(f"could not save the sample grid {grid_path}: {err}", RuntimeWarning)
             metrics["eval/samples_per_s"] = cfg.num_samples / seconds if seconds > 0 else 0.0
         return _broadcast(metrics)
 
@@ -562,11 +674,13 @@ def evaluate(
     random_flip: bool = False,
     extractor: FeatureExtractor | None = None,
     reference: Reference | None = None,
+    grid_path: str | Path | None = None,
 ) -> dict[str, float]:
     """One evaluation of ``model`` outside the training loop (``data``: a manifest or its path).
 
     ``diffusion`` defaults to the paper's (1000 linear steps, learned sigma as the model has).
-    Runs on every rank of an initialised process group, or alone.
+    Runs on every rank of an initialised process group, or alone. ``grid_path``: also save a
+    PNG grid of samples there (rank 0).
     """
     from dit.diffusion import create_diffusion
     from dit.latents import Manifest
@@ -576,7 +690,7 @@ def evaluate(
         diffusion = create_diffusion(learn_sigma=bool(getattr(model, "learn_sigma", True)))
     ev = Evaluator(cfg, manifest=manifest, diffusion=diffusion, device=device, random_flip=random_flip,
                    extractor=extractor, reference=reference)
-    return ev.run(model)
+    return ev.run(model, grid_path=grid_path)
 
 
 def load_checkpoint_model(directory: str | Path, device: torch.device | str = "cpu") -> Any:

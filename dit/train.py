@@ -13,7 +13,8 @@ Evaluation (``cfg.eval``, see ``dit.evaluate``): every ``eval.every`` steps and 
 all ranks sample with a copy of the EMA weights, compute features and all-reduce their
 sums; rank 0's FID (``eval/fid``, ...) joins that step's training metrics in the same
 ``report`` call. Evaluation is seeded and never touches the training RNG or data stream, so
-exact resume holds with it on.
+exact resume holds with it on. With ``sample_dir``, rank 0 also saves a PNG grid of samples
+per evaluation there (``samples_step<NNNNNNNN>.png``, written before that step's report).
 """
 
 from __future__ import annotations
@@ -390,12 +391,14 @@ def train(
     checkpoint_root: str | Path | None = None,
     gflops: float | None = None,
     fault: Callable[[int, Any], None] | None = None,
+    sample_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train one DiT on this worker. Every rank calls this; rank 0's reports carry the metrics.
 
     ``checkpoint_root``: where to stage checkpoints (a temporary folder when None); the
     directory handed to ``report`` is owned by the caller afterwards.
     ``fault``: a test hook called with each completed step and the engine (fault injection).
+    ``sample_dir``: where rank 0 saves each evaluation's sample grid (:func:`sample_grid_path`).
     """
     from dit.flops import count_gflops
     from dit.latents import Manifest
@@ -465,7 +468,8 @@ def train(
             metrics = window.metrics(step, images_seen, gflops, stream, device)
             if eval_now:
                 copy_ema(eval_model, ema)
-                metrics.update(evaluator.run(eval_model))
+                grid = sample_grid_path(sample_dir, step) if sample_dir else None
+                metrics.update(evaluator.run(eval_model, grid_path=grid))
             history.append(metrics)
             ckpt_dir = None
             if checkpoint_now:
@@ -479,6 +483,11 @@ def train(
 
     return TrainResult(step, images_seen, history[-1]["train/loss"] if history else float("nan"),
                        last_ckpt, history)
+
+
+def sample_grid_path(sample_dir: str | Path, step: int) -> Path:
+    """The sample grid of the evaluation after ``step``."""
+    return Path(sample_dir) / f"samples_step{step:08d}.png"
 
 
 def _build_evaluator(cfg: TrainConfig, manifest, mcfg: DiTConfig, diffusion, device: torch.device):

@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, ...]] = {
                "cancel_main"),
     "train": ("orchestrator.train_cli", "run one trial (one model) with Ray Train + DeepSpeed"),
     "export": ("orchestrator.export_cli", "export a checkpoint's EMA weights as a plain state dict"),
+    "evaluate": ("orchestrator.evaluate_cli", "FID and other eval metrics of a checkpoint, outside a study"),
     "report": ("orchestrator.report_cli", "fit scaling laws, plot and write a study's report (or a published table's)"),
     "schema": ("orchestrator.schema_cli", "print the study spec's JSON Schema (for editor completion)"),
 }

@@ -5,7 +5,8 @@ Study folder (``<storage>/<study name>/``)::
     study.json            spec hash and file, written when the study is created
     mlflow.db, mlartifacts/   the default tracking store (sqlite) and its artifacts
     tune-N/               Ray Tune's experiment of the N-th run or resume
-    trials/<cell>/        Ray Train run: checkpoints, metrics.jsonl, mlflow_run_id, outcome.json
+    trials/<cell>/        Ray Train run: checkpoints, metrics.jsonl, mlflow_run_id, outcome.json,
+                          samples/ (a PNG grid per evaluation, also the child run's samples/ artifacts)
 
 Each Tune trial is a function trainable that fits the cell's TorchTrainer (the Ray Train V2
 pattern; passing a Trainer to a Tuner is gone). A cell whose ``outcome.json`` says it ended
@@ -42,7 +43,7 @@ from orchestrator.tracking import (
     check_reachable,
     resolve_tracking_uri,
 )
-from orchestrator.trial import TrialOutcome, ensure_ray, run_trial
+from orchestrator.trial import SAMPLES_DIR, TrialOutcome, ensure_ray, run_trial
 
 OUTCOME_FILE = "outcome.json"
 STATE_FILE = "study.json"
@@ -187,13 +188,15 @@ def _trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
         paths.trial(cell.name) / RUN_ID_FILE,
     )
     sink = MLflowSink(context["uri"], run_id)
+    grids = SampleGridSink(context["uri"], run_id, paths.trial(cell.name) / SAMPLES_DIR)
     outcome = run_trial(
         cell.trial_config(str(paths.trials)),
-        sinks=[sink],
+        sinks=[sink, grids],
         gflops=cell.gflops,
         callbacks=[TuneReportCallback()],
     )
     backfill(sink, outcome)
+    grids.sweep()
     tracker.finish_trial(run_id, outcome.status, outcome.reason)
     _write_outcome(paths.trial(cell.name) / OUTCOME_FILE, outcome, run_id)
     tune.report({"status": outcome.status, "step": outcome.last_step})
@@ -211,6 +214,54 @@ def backfill(sink: MLflowSink, outcome: TrialOutcome) -> None:
             sink.add(row)
     if not sink.flush(attempts=30):
         raise RuntimeError(f"MLflow at {sink.uri} stayed unreachable; metrics are kept in metrics.jsonl")
+
+
+class SampleGridSink:
+    """Uploads each evaluation's sample grid (``samples/*.png`` in the trial folder) to the
+    trial's MLflow run, under ``samples/``, as the step's metrics arrive.
+
+    Runs in the trial's controller beside :class:`MLflowSink`, so it reads the trial folder
+    that rank 0 wrote: local or mounted storage only (with remote storage run_trial writes no
+    grids). ``add`` never raises; whatever failed to upload goes out with ``sweep``, which the
+    driver calls once the trial ends (log_artifact overwrites, so uploading twice is harmless).
+    """
+
+    def __init__(self, uri: str, run_id: str, folder: str | Path):
+        self.uri, self.run_id, self.folder = uri, run_id, Path(folder)
+        self.sent: set[str] = set()
+        self._client = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def _upload(self, path: Path) -> bool:
+        from orchestrator.tracking import _retry, client
+
+        if self._client is None:
+            self._client = client(self.uri)
+        try:
+            _retry(lambda: self._client.log_artifact(self.run_id, str(path), "samples"), attempts=3)
+        except Exception:
+            return False
+        self.sent.add(path.name)
+        return True
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        if "eval/fid" not in metrics:
+            return
+        from dit.train import sample_grid_path
+
+        path = sample_grid_path(self.folder, int(metrics["step"]))
+        if path.is_file() and path.name not in self.sent:
+            self._upload(path)
+
+    def sweep(self) -> int:
+        """Upload every grid in the folder not sent yet; returns how many are still missing."""
+        missing = 0
+        for path in sorted(self.folder.glob("samples_step*.png")) if self.folder.is_dir() else []:
+            if path.name not in self.sent and not self._upload(path):
+                missing += 1
+        return missing
 
 
 def _write_outcome(path: Path, outcome: TrialOutcome, run_id: str) -> None:

@@ -29,6 +29,7 @@ from dit.errors import ConfigError
 from dit.train import TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_DIR = "samples"  # in the trial folder: one PNG grid per evaluation (local storage only)
 NONFINITE = "failure/nonfinite_loss"
 
 
@@ -146,6 +147,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
                 checkpoint_root=staging,
                 gflops=config.get("gflops"),
                 fault=_fault_hook(config.get("fault")),
+                sample_dir=config.get("sample_dir"),
             )
     except NonFiniteLoss as err:
         # Deterministic: a restart would diverge again. End the run (every rank raised at the
@@ -255,8 +257,10 @@ def run_trial(
     Every step's metrics land once in a JSONL log (``metric_log``, by default beside the
     checkpoints for local storage) and in each of ``sinks`` (objects with ``add(metrics)``,
     such as an MLflow logger); ``callbacks`` are extra ``ray.train.UserCallback``s (e.g.
-    Tune's report bridge). Worker crashes are retried ``max_failures`` times; a
-    non-finite loss ends the trial at once as "failed" with its step.
+    Tune's report bridge). Worker crashes are retried ``max_failures`` times; a non-finite
+    loss ends the trial at once as "failed" with its step. With evaluation on and local
+    storage, each evaluation's sample grid lands in ``<trial folder>/samples/`` (rank 0 writes
+    it before that step's report; multi-node needs the folder shared, as Ray Train does).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -276,7 +280,8 @@ def run_trial(
         resources["GPU"] = cfg.gpus_per_worker
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"train": cfg.train.model_dump(), "gflops": gflops, "fault": fault},
+        train_loop_config={"train": cfg.train.model_dump(), "gflops": gflops, "fault": fault,
+                           "sample_dir": str(local / SAMPLES_DIR) if local and cfg.train.eval.enabled else None},
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
         ),

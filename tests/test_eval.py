@@ -1,8 +1,10 @@
 """Evaluation: Fréchet distance, mergeable statistics, seeded sampling, the digits extractor,
-Inception's missing-weights error, FID inside the training loop (and exact resume with it)."""
+Inception's missing-weights error, FID inside the training loop (and exact resume with it),
+sample grids (and their MLflow artifacts), ``ditscale evaluate``."""
 
 import math
 import os
+import re
 import sys
 import types
 
@@ -438,3 +440,156 @@ def test_spec_eval_reaches_every_cell_and_its_tags(digits8, tmp_path):
         parse_spec({**raw, "eval": {**raw["eval"], "labels": "random"}}, source="ev.yaml", base_dir=tmp_path)
     off = parse_spec({**raw, "eval": {"enabled": False}}, source="ev.yaml", base_dir=tmp_path)
     assert cell_tags(off.cells()[0]) == {}
+
+
+# ------------------------------------------------------------------------------ merged statistics: FID
+
+
+def test_fid_of_features_split_over_two_ranks_equals_one_process():
+    rng = np.random.default_rng(5)
+    d = 64
+    fake = torch.from_numpy(rng.normal(size=(700, d)) @ rng.normal(size=(d, d)) / 8 + 0.3)
+    real = rng.normal(size=(900, d))
+    ref_mu, ref_sigma = real.mean(0), np.cov(real, rowvar=False)
+    one = FeatureStats(d)
+    one.update(fake)
+    ranks = [FeatureStats(d), FeatureStats(d)]
+    for i, chunk in enumerate(torch.split(fake, 64)):  # the sampler's round-robin chunks
+        ranks[i % 2].update(chunk)
+    merged = ranks[0].merge(ranks[1])
+    fid_one = frechet_distance(one.mean(), one.cov(), ref_mu, ref_sigma).fid
+    fid_two = frechet_distance(merged.mean(), merged.cov(), ref_mu, ref_sigma).fid
+    assert fid_one > 1.0 and fid_two == pytest.approx(fid_one, rel=1e-6)
+    f64 = fake.numpy()
+    assert frechet_distance(f64.mean(0), np.cov(f64, rowvar=False), ref_mu, ref_sigma).fid == pytest.approx(fid_one, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ sample grids
+
+
+def test_sample_grid_is_class_balanced_and_upscaled(tmp_path):
+    from PIL import Image
+
+    from dit.evaluate import _GridPool, grid_layout, save_sample_grid
+
+    assert grid_layout(10) == (10, 6) and grid_layout(1000) == (8, 1) and grid_layout(2) == (2, 8)
+    pool = _GridPool(10)
+    labels = class_labels(200, 10, seed=0)
+    images = (labels.float() / 4.5 - 1.0)[:, None, None, None].expand(-1, 1, 8, 8)  # grey level = class
+    for lo in range(0, 200, 32):
+        pool.add(images[lo : lo + 32], labels[lo : lo + 32])
+    assert pool.full and pool.count == 60
+    rows = pool.cells()
+    assert len(rows) == 10 and all(len(r) == 6 and all(c is not None and c[0, 0, 0] == c.max() for c in r) for r in rows)
+    assert [float(r[0][0, 0, 0]) for r in rows] == pytest.approx([c / 4.5 - 1 for c in range(10)])
+    path = save_sample_grid(rows, tmp_path / "g.png")
+    im = Image.open(path)
+    assert im.size == (6 * 66 + 2, 10 * 66 + 2) and im.mode == "RGB"  # 8 px digits shown at 64 px
+    a = np.asarray(im)
+    assert a[2, 2, 0] == 0 and a[2 + 9 * 66, 2, 0] == 255  # class 0 black, class 9 white
+    many = _GridPool(1000)
+    many.add(torch.zeros(100, 3, 32, 32), torch.arange(100) % 70)
+    assert many.full and many.count == 64 and len(many.cells()) == 8
+    assert Image.open(save_sample_grid(many.cells(), tmp_path / "m.png")).size == (8 * 66 + 2, 8 * 66 + 2)
+
+
+def test_train_saves_a_grid_per_evaluation_and_the_sink_logs_them(digits8, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from dit.train import train
+    from orchestrator.study import SampleGridSink
+
+    ev = dict(enabled=True, every=2, num_samples=32, batch_size=16, sampler="ddim", steps=3, features=DIGITS)
+    reports = []
+    train(recipe(digits8, steps=4, checkpoint_every=0, eval=ev), lambda m, c: reports.append(m),
+          checkpoint_root=tmp_path / "ck", sample_dir=tmp_path / "samples")
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["samples_step00000002.png", "samples_step00000004.png"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    exp = c.create_experiment("grids", artifact_location=(tmp_path / "art").as_uri())
+    run_id = c.create_run(exp).info.run_id
+    sink = SampleGridSink(uri, run_id, tmp_path / "samples")
+    sink.add(reports[0])  # as the controller does, step by step
+    assert [a.path for a in c.list_artifacts(run_id, "samples")] == ["samples/samples_step00000002.png"]
+    assert sink.sweep() == 0
+    assert [a.path for a in c.list_artifacts(run_id, "samples")] == [
+        "samples/samples_step00000002.png", "samples/samples_step00000004.png"]
+
+
+# ------------------------------------------------------------------------------ ditscale evaluate
+
+
+def test_evaluate_cli_scores_a_trained_checkpoint_and_refuses_bad_input(digits8, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from dit.train import export_checkpoint
+    from orchestrator.cli import main as cli
+    from orchestrator.spec import load_spec
+
+    reports = run(recipe(digits8, steps=2, checkpoint_every=0), tmp_path / "ck")
+    ckpt = reports[-1][1]
+    spec = {"name": "ev", "data": {"manifest": digits8},
+            "grid": {"size": [{"name": "tiny", "depth": 2, "hidden_size": 64, "num_heads": 4}], "patch": [2, 4]},
+            "recipe": {"steps": 2, "global_batch": 32},
+            "eval": {"enabled": True, "num_samples": 32, "batch_size": 16, "sampler": "ddim", "steps": 4,
+                     "features": DIGITS}}
+    (tmp_path / "ev.yaml").write_text(yaml.safe_dump(spec))
+    p2 = {c.patch_size: c.name for c in load_spec(tmp_path / "ev.yaml").cells()}[2]
+    base = [str(tmp_path / "ev.yaml"), "--cell", p2, "--num-samples", "24"]
+
+    assert cli(["evaluate", ckpt, "--spec", *base, "--json", "--grid", str(tmp_path / "g.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["checkpoint"]["step"] == 2 and out["settings"]["eval.num_samples"] == "24"
+    assert math.isfinite(out["metrics"]["eval/fid"]) and (tmp_path / "g.png").is_file()
+    # The same weights as a plain state dict, model from the cell or named: the same FID.
+    pt = export_checkpoint(ckpt, tmp_path / "tiny.pt")
+    assert cli(["evaluate", str(pt), "--spec", *base, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["metrics"]["eval/fid"] == out["metrics"]["eval/fid"]
+    assert cli(["evaluate", str(tmp_path / "ck"), "--data", digits8, "--num-samples", "24", "--batch-size", "16",
+                "--sampler", "ddim", "--steps", "4", "--features", DIGITS]) == 0  # a folder of checkpoints
+    text = capsys.readouterr().out
+    assert "(step 2)" in text and "fid" in text
+
+    def refused(*argv, match):
+        assert cli(["evaluate", *argv]) == 2
+        assert re.search(match, capsys.readouterr().err), match
+
+    refused(str(tmp_path / "nope"), "--spec", *base, match="does not exist")
+    refused(str(pt), "--data", digits8, match="say which model with --model")
+    refused(str(pt), "--spec", *base, "--model", "DiT-S/2", match="do not fit model DiT-S/2")
+    refused(ckpt, "--spec", str(tmp_path / "ev.yaml"), match="name one with --cell")
+    refused(ckpt, match="--spec STUDY.yaml")
+    refused(ckpt, "--spec", *base, "--num-samples", "1", match="num_samples")
+    refused(str(tmp_path), "--spec", *base, match="not a ditscale checkpoint")
+
+
+# ------------------------------------------------------------------------------ a trial's grids in MLflow
+
+
+@pytest.mark.slow
+def test_trial_with_eval_logs_sample_grids_to_its_mlflow_run(digits8, tmp_path):
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.study import SampleGridSink
+    from orchestrator.tracking import MLflowSink, StudyTracker
+    from orchestrator.trial import TrialConfig, run_trial
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = StudyTracker(uri, "grids", None, tmp_path / "mlartifacts")
+    run_id = tracker.trial_run("t", {}, {}, None)
+    ev = dict(enabled=True, every=2, num_samples=32, batch_size=16, sampler="ddim", steps=3, features=DIGITS)
+    cfg = TrialConfig(name="t", storage=str(tmp_path / "trials"), workers=1, cpus_per_worker=0.5, max_failures=0,
+                      train=dict(model=TINY, data=digits8, steps=4, global_batch=16, log_every=2, zero_stage=0,
+                                 shuffle_buffer=64, eval=ev))
+    grids = SampleGridSink(uri, run_id, tmp_path / "trials" / "t" / "samples")
+    try:
+        outcome = run_trial(cfg, sinks=[MLflowSink(uri, run_id), grids])
+    finally:
+        ray.shutdown()
+    assert outcome.status == "finished"
+    assert grids.sweep() == 0
+    names = [a.path for a in MlflowClient(uri).list_artifacts(run_id, "samples")]
+    assert names == ["samples/samples_step00000002.png", "samples/samples_step00000004.png"]
