@@ -157,6 +157,16 @@ class DataSpec(_Strict):
     image_size: int | None = Field(None, ge=1, description="pixels; read from the manifest when it exists")
     num_classes: int | None = Field(None, ge=0, description="classes; read from the manifest when it exists")
     latent: LatentSpec | None = Field(None, description="latent shape; read from the manifest when it exists")
+    builtin: Literal["digits"] | None = Field(
+        None, description="a built-in data set that `ditscale run` prepares into `manifest` (at image_size, "
+        "pixels as latents) when the manifest does not exist yet",
+    )
+
+    @model_validator(mode="after")
+    def _builtin_needs_size(self) -> "DataSpec":
+        if self.builtin and not self.image_size:
+            raise ValueError("data.builtin needs data.image_size (the size to prepare the images at)")
+        return self
 
 
 class SizeEntry(_Strict):

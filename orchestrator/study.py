@@ -184,7 +184,7 @@ def _trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
         return
     tracker = StudyTracker(context["uri"], context["study"], context["experiment"], None)
     run_id = tracker.trial_run(
-        cell.name, cell_params(cell), {**context["trial_tags"], **cell_tags(cell)},
+        cell.name, cell_params(cell), cell_tags(cell),
         paths.trial(cell.name) / RUN_ID_FILE,
     )
     sink = MLflowSink(context["uri"], run_id)
@@ -308,6 +308,8 @@ def run_study(
     spec = load_spec(spec_path)
     cells = order_by_cost(spec.cells())
     for data in sorted({c.train.data for c in cells}):
+        if spec.data.builtin and "://" not in data and not Path(data).exists():
+            prepare_builtin(spec.data.builtin, Path(data).parent, spec.data.image_size)
         Manifest.load(data)  # missing data is a clear error before any side effect
     paths = study_paths(spec, storage)
     uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri, paths.root)
@@ -322,7 +324,6 @@ def run_study(
     context = {
         "cells": {c.name: c for c in cells}, "root": str(paths.root), "uri": uri,
         "study": spec.name, "experiment": spec.tracking.experiment or spec.name,
-        "trial_tags": spec.trial_tags() if hasattr(spec, "trial_tags") else {},
     }
     # The trial function only waits on its TorchTrainer; its workers hold the CPUs and GPUs.
     # A nominal memory request (a resource every node has) keeps it from taking a CPU slot.
@@ -351,6 +352,18 @@ def run_study(
     result = StudyOutcome(spec.name, paths.root, uri, tracker.parent_id, outcomes, cancelled)
     tracker.finish_study("KILLED" if cancelled else "FINISHED" if result.ok else "FAILED")
     return result
+
+
+def prepare_builtin(name: str, out_dir: Path, image_size: int) -> None:
+    """Encode a built-in data set (pixels as latents) in this process: small, so no Ray."""
+    from dit.latents import begin_prepare, make_digits
+    from dit.vae import IdentityCodec
+
+    print(f"preparing the built-in {name} data set at {image_size} px into {out_dir}", flush=True)
+    codec = IdentityCodec()
+    job = begin_prepare(make_digits(image_size), codec, out_dir, train_features=True)
+    job.run_local(codec, None)
+    job.finish()
 
 
 def cancel_study(spec_path: str | Path, storage: str | None = None) -> Path:
