@@ -162,12 +162,6 @@ class DataSpec(_Strict):
         "pixels as latents) when the manifest does not exist yet",
     )
 
-    @model_validator(mode="after")
-    def _builtin_needs_size(self) -> "DataSpec":
-        if self.builtin and not self.image_size:
-            raise ValueError("data.builtin needs data.image_size (the size to prepare the images at)")
-        return self
-
 
 class SizeEntry(_Strict):
     """A model size: a built-in name (S, B, L, XL) or a custom {name, depth, hidden_size, num_heads}."""

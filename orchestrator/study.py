@@ -309,6 +309,8 @@ def run_study(
     cells = order_by_cost(spec.cells())
     for data in sorted({c.train.data for c in cells}):
         if spec.data.builtin and "://" not in data and not Path(data).exists():
+            if not spec.data.image_size:
+                raise ConfigError(f"{spec_path}: data.builtin needs data.image_size (the size to prepare at)")
             prepare_builtin(spec.data.builtin, Path(data).parent, spec.data.image_size)
         Manifest.load(data)  # missing data is a clear error before any side effect
     paths = study_paths(spec, storage)

@@ -104,14 +104,17 @@ def test_paper_grid_dry_run_matches_the_paper():
 
 def test_demo_spec(digits8, tmp_path):
     s = load_spec(ROOT / "studies" / "demo.yaml")
-    assert names(s) == ["DiT-tiny-2", "DiT-tiny-4", "DiT-small-2", "DiT-small-4"]
-    assert s.data_info.manifest == str(ROOT / "data" / "digits8" / "manifest.json")
+    assert names(s) == [f"DiT-{z}-{p}" for z in ("xs", "s", "m") for p in (8, 4, 2)]
+    assert s.data_info.manifest == str(ROOT / "data" / "digits16" / "manifest.json")
+    assert s.data.builtin == "digits"  # `ditscale run` prepares it when missing
     c = s.cells()[0]
-    assert (c.workers, c.cpus_per_worker, c.use_gpu, c.train.steps, c.train.global_batch) == (1, 1.0, False, 60, 32)
-    assert (c.model_config().input_size, c.model_config().in_channels) == (8, 1)
+    assert (c.workers, c.cpus_per_worker, c.use_gpu, c.train.steps, c.train.global_batch) == (1, 1.0, False, 800, 32)
+    assert (c.model_config().input_size, c.model_config().in_channels) == (16, 1)
+    assert c.train.eval.enabled and c.train.eval.features == "digits-cnn-v1"
     # With the data prepared the shape comes from the manifest and is checked against the spec.
     raw = yaml.safe_load((ROOT / "studies" / "demo.yaml").read_text())
     raw["data"]["manifest"] = digits8
+    raw["data"]["image_size"] = raw["data"]["latent"]["size"] = 8
     prepared = parse_spec(raw, source="demo.yaml")
     assert prepared.data_info.exists and prepared.data_info.num_classes == 10
     prepared.check_data()
@@ -315,12 +318,12 @@ def test_relative_manifest_resolves_against_the_spec_folder(tmp_path, digits8):
 def test_cli_flops_spec_table_and_json(capsys):
     assert cli(["flops", str(ROOT / "studies" / "demo.yaml")]) == 0
     out = capsys.readouterr().out
-    for name in ("DiT-tiny-2", "DiT-small-4", "total", "GPU-h", "train flops"):
+    for name in ("DiT-xs-8", "DiT-m-2", "total", "GPU-h", "train flops"):
         assert name in out
     assert cli(["flops", str(ROOT / "studies" / "demo.yaml"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [c["name"] for c in data["cells"]][:2] == ["DiT-tiny-2", "DiT-tiny-4"]
-    assert data["cells"][0]["tokens"] == 16 and data["total"]["cells"] == 4
+    assert [c["name"] for c in data["cells"]][:2] == ["DiT-xs-8", "DiT-xs-4"]
+    assert data["cells"][0]["tokens"] == 4 and data["total"]["cells"] == 9
 
 
 def test_cli_flops_paper_spec_prints_the_paper_gflops(capsys):
