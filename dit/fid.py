@@ -167,6 +167,23 @@ class FrechetResult:
         return self.fid
 
 
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float | None:
+    """tr sqrt(S1 S2) through two symmetric eigensolves: S1 S2 is similar to the symmetric
+    S1^1/2 S2 S1^1/2, whose eigenvalues are real and >= 0. About 10x faster than scipy's sqrtm
+    at 2048-d. None when the input is not (numerically) positive semi-definite, so the caller
+    falls back to sqrtm with its epsilon and imaginary-residue handling."""
+    w1, v1 = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    scale = max(float(np.abs(w1).max(initial=0.0)), 1e-300)
+    if w1.min(initial=0.0) < -1e-8 * scale:
+        return None
+    root1 = (v1 * np.sqrt(np.clip(w1, 0.0, None))) @ v1.T
+    inner = root1 @ ((sigma2 + sigma2.T) / 2) @ root1
+    w = np.linalg.eigvalsh((inner + inner.T) / 2)
+    if w.min(initial=0.0) < -1e-8 * max(float(np.abs(w).max(initial=0.0)), 1e-300):
+        return None
+    return float(np.sqrt(np.clip(w, 0.0, None)).sum())
+
+
 def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6) -> FrechetResult:
     """The Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), float64 throughout."""
     from scipy import linalg
@@ -178,6 +195,9 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
     if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
         raise ConfigError(f"FID: covariances {sigma1.shape} / {sigma2.shape} do not match the means {mu1.shape}")
     diff = mu1 - mu2
+    fast = _trace_sqrt_product(sigma1, sigma2)
+    if fast is not None:
+        return FrechetResult(float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * fast), 0.0, 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # singular input: handled below
         covmean = linalg.sqrtm(sigma1 @ sigma2)

@@ -38,7 +38,7 @@ class MlflowServer:
     def uri(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> "MlflowServer":
+    def start(self, timeout: float = 180.0) -> "MlflowServer":
         import subprocess
         import sys
         import time
