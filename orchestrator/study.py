@@ -46,6 +46,9 @@ from orchestrator.tracking import (
 from orchestrator.trial import SAMPLES_DIR, TrialOutcome, ensure_ray, run_trial
 
 OUTCOME_FILE = "outcome.json"
+# Outcome of a trial whose workers kept dying past max_failures: `resume` runs it again
+# (from its last checkpoint). "finished" and "failed" (e.g. a NaN loss) are final.
+RETRY = "error"
 STATE_FILE = "study.json"
 
 
@@ -179,7 +182,7 @@ def _trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
     cell: Cell = context["cells"][config["cell"]]
     paths = StudyPaths(Path(context["root"]))
     done = paths.outcome(cell.name)
-    if done is not None:  # finished before a restart of the study: never rerun
+    if done is not None and done["status"] != RETRY:  # ended before a restart: never rerun
         tune.report({"status": done["status"], "step": done["step"]})
         return
     tracker = StudyTracker(context["uri"], context["study"], context["experiment"], None)
@@ -335,7 +338,7 @@ def run_study(
     # (Tuner.restore would not do: Tune marks trials stopped by a cancel as TERMINATED and
     # would never rerun them. Finished cells are known from their outcome.json instead, and
     # an interrupted cell resumes from its Ray Train checkpoint inside run_trial.)
-    pending = [c for c in cells if paths.outcome(c.name) is None]
+    pending = [c for c in cells if (paths.outcome(c.name) or {}).get("status") in (None, RETRY)]
     attempt = len(list(paths.root.glob("tune-*"))) + 1
     tuner = pending and tune.Tuner(
         trainable,

@@ -232,7 +232,7 @@ def trial_dir(cfg: TrialConfig) -> Path | None:
 @dataclass
 class TrialOutcome:
     name: str
-    status: str  # "finished" | "failed"
+    status: str  # "finished" | "failed" (deterministic, e.g. NaN) | "error" (workers kept dying)
     reason: str | None
     metrics: list[dict[str, float]]
     checkpoint: str | None  # the latest checkpoint folder in storage
@@ -297,7 +297,7 @@ def run_trial(
         result = trainer.fit()
     except TrainingFailedError as err:
         rows = MetricLog(log_path).rows
-        return TrialOutcome(cfg.name, "failed", _first_line(err), rows, None)
+        return TrialOutcome(cfg.name, "error", _first_line(err), rows, None)
     rows = MetricLog(log_path).rows  # the controller wrote it; read back its record
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if rows and NONFINITE in rows[-1]:
