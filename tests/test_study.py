@@ -140,6 +140,9 @@ def test_resume_of_a_study_that_never_ran_is_refused(tmp_path, digits8, capsys):
 @pytest.mark.slow
 def test_cancel_stops_a_running_study_and_resume_finishes_it(tmp_path, digits8):
     spec = write_spec(tmp_path, digits8, name="cancelme", steps=400)
+    raw = yaml.safe_load(spec.read_text())
+    raw["recipe"].update(checkpoint_every=100, log_every=10)  # a long run, few checkpoints
+    spec.write_text(yaml.safe_dump(raw))
     root = tmp_path / "runs" / "cancelme"
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--no-report"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
