@@ -31,6 +31,8 @@ from dit.train import TrainConfig
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"  # in the trial folder: one PNG grid per evaluation (local storage only)
 NONFINITE = "failure/nonfinite_loss"
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+REPORT_POLL_S = "0.2"  # seconds between a controller's polls of its workers (see train_env)
 
 
 class TrialConfig(BaseModel):
@@ -98,7 +100,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": train_env()})
         return
     # (orchestrator/__init__ keeps a local Ray on 127.0.0.1.)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
@@ -106,8 +108,20 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]}},
+        runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"], **train_env()}},
     )
+
+
+def train_env() -> dict[str, str]:
+    """Environment for every process of the job (Ray Train controllers included).
+
+    A worker's ``ray.train.report`` waits in a one-slot queue until the trial's controller polls
+    it, and the controller polls every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): a
+    trial that reports every 0.3 s of training then runs at one report per 2 s. Measured on the
+    demo's smallest cell: 26 reports took 47 s of a 62 s trial for 5 s of training. Polling every
+    0.2 s costs the controller a few cheap RPCs; a value set by the user wins.
+    """
+    return {HEALTH_CHECK_ENV: os.environ.get(HEALTH_CHECK_ENV, REPORT_POLL_S)}
 
 
 def _has_cuda() -> bool:

@@ -49,6 +49,21 @@ def test_two_workers_zero2_trains_and_merges_every_rank_shard(zero2_run):
 
 
 @pytest.mark.slow
+def test_every_process_of_the_job_polls_reports_quickly(zero2_run):
+    """Ray Train's controller takes one report per poll (2 s apart by default); ensure_ray gives
+    every process of the job, controllers included, the short interval."""
+    import ray
+
+    from orchestrator.trial import HEALTH_CHECK_ENV, REPORT_POLL_S
+
+    @ray.remote(num_cpus=0)
+    def env():
+        return os.environ.get(HEALTH_CHECK_ENV)
+
+    assert ray.get(env.remote()) == REPORT_POLL_S
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 3])
 def test_other_zero_stages_follow_zero2(digits8, storage, zero2_run, stage):
     outcome = run_trial(trial(digits8, storage, f"zero{stage}", steps=8, checkpoint_every=0, zero_stage=stage))
