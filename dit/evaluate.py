@@ -58,6 +58,7 @@ __all__ = [
     "class_labels",
     "eval_tags",
     "evaluate",
+    "clips_denoised",
     "generate",
     "quantize_images",
     "load_checkpoint_model",
@@ -88,6 +89,11 @@ class EvalConfig(BaseModel):
     sampler: Literal["ddpm", "ddim"] = "ddpm"
     steps: int = Field(250, ge=1, description="respaced sampling steps (the paper: 250 DDPM steps)")
     eta: float = Field(0.0, ge=0, description="DDIM noise (0 = deterministic DDIM)")
+    clip_denoised: bool | None = Field(
+        None,
+        description="clip each step's predicted x0 to [-1, 1]; null = when the model works on pixels (an "
+        "identity codec, e.g. the digits demo), never on VAE latents, which are unbounded (the DiT paper)",
+    )
     cfg_scale: float = Field(1.0, ge=0, description="classifier-free guidance scale; 1 = none (paper headline 1.5)")
     cfg_channels: Literal["all", "first3"] = Field(
         "all", description="'first3' reproduces the reference code's guidance on 3 of 4 latent channels"
@@ -146,6 +152,7 @@ def eval_tags(cfg: EvalConfig, image_size: int | None = None) -> dict[str, str]:
         "eval.steps": str(cfg.steps),
         "eval.cfg_scale": f"{cfg.cfg_scale:g}",
         "eval.cfg_channels": cfg.cfg_channels,
+        "eval.clip_denoised": "auto" if cfg.clip_denoised is None else str(cfg.clip_denoised).lower(),
         "eval.labels": cfg.labels,
         "eval.resize": describe_resize(cfg.features, image_size),
         "eval.quantize": str(cfg.quantize).lower(),
@@ -220,6 +227,15 @@ def _sampling_model(model: Any, cfg: EvalConfig) -> Any:
     return model
 
 
+def clips_denoised(cfg: EvalConfig, codec: Any) -> bool:
+    """Whether sampling clips x0: as configured, else only where the model-space values are pixels
+    in [-1, 1]. There a wild early x0 estimate (an undertrained model) is pulled back into the
+    data range instead of saturating the sample; VAE latents have no such range to clip to."""
+    if cfg.clip_denoised is not None:
+        return cfg.clip_denoised
+    return bool(getattr(codec, "bounded", False))
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -240,13 +256,14 @@ def generate(
     """
     device = torch.device(device)
     labels = class_labels(cfg.num_samples, num_classes, cfg.labels, cfg.seed)
+    clip = clips_denoised(cfg, codec)
     net = _sampling_model(model, cfg)
     spacing = cfg.respacing(len(diffusion.base_betas))
     for c, lo, hi in rank_chunks(cfg.num_samples, cfg.batch_size, rank, world_size):
         g = torch.Generator(device=device).manual_seed(_mix(cfg.seed, c))
         y = labels[lo:hi].to(device)
         z = diffusion.sample(net, (hi - lo, *latent_shape), y, sampler=cfg.sampler, steps=spacing,
-                             cfg_scale=cfg.cfg_scale, eta=cfg.eta, generator=g)
+                             cfg_scale=cfg.cfg_scale, eta=cfg.eta, generator=g, clip_denoised=clip)
         yield lo, hi, (codec.decode(z, scaled=True) if codec is not None else z), y
 
 

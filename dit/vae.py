@@ -36,6 +36,7 @@ class Codec:
     kind: str = "codec"
     encoder_id: str = ""
     scale_factor: float = 1.0
+    bounded: bool = False  # model-space values are pixels in [-1, 1] (samplers may clip x0 to it)
 
     def encode(self, images: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] ``(B, C, H, W)`` → unscaled latents (float32, on CPU)."""
@@ -57,6 +58,7 @@ class IdentityCodec(Codec):
     """Pixels as latents: ``encode`` and ``decode`` return the images themselves (scale 1.0)."""
 
     kind = "identity"
+    bounded = True
 
     def __init__(self) -> None:
         self.encoder_id = IDENTITY_ID

@@ -190,6 +190,39 @@ def test_guidance_scale_one_equals_unguided_sampling():
     assert _sampling_model(m4, small_cfg(cfg_scale=1.5)) is m4
 
 
+def test_x0_is_clipped_on_pixels_by_default_and_never_on_vae_latents():
+    """A model that predicts eps = -3 everywhere drives x0 far outside [-1, 1]; on pixels (the
+    identity codec) the sampler clips each step's x0, on VAE latents it leaves them alone."""
+    from dit.vae import IdentityCodec, VAECodec
+
+    class Wild(torch.nn.Module):
+        num_classes, learn_sigma = 10, False
+
+        def forward(self, x, t, y):
+            return torch.full_like(x, -3.0)
+
+    class Raw(IdentityCodec):  # pixels, decoded without the final clamp, to see the sampler's output
+        def decode(self, latents, *, scaled=False):
+            return latents
+
+    class Unbounded(Raw):
+        bounded = VAECodec.bounded
+
+    d = create_diffusion(learn_sigma=False)
+
+    def sample(codec, **kw):
+        return next(generate(Wild(), d, small_cfg(num_samples=4, **kw), latent_shape=(1, 8, 8), num_classes=10,
+                             codec=codec))[2]
+
+    assert IdentityCodec.bounded and not VAECodec.bounded
+    on_pixels, on_latents = sample(Raw()), sample(Unbounded())
+    assert on_pixels.abs().max() <= 1.0 and on_latents.abs().max() > 10
+    assert sample(Raw(), clip_denoised=False).abs().max() > 10
+    assert sample(Unbounded(), clip_denoised=True).abs().max() <= 1.0
+    assert eval_tags(small_cfg())["eval.clip_denoised"] == "auto"
+    assert eval_tags(small_cfg(clip_denoised=False))["eval.clip_denoised"] == "false"
+
+
 # ------------------------------------------------------------------------------ extractors
 
 

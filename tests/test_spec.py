@@ -108,7 +108,8 @@ def test_demo_spec(digits8, tmp_path):
     assert s.data_info.manifest == str(ROOT / "data" / "digits16" / "manifest.json")
     assert s.data.builtin == "digits"  # `ditscale run` prepares it when missing
     c = s.cells()[0]
-    assert (c.workers, c.cpus_per_worker, c.use_gpu, c.train.steps, c.train.global_batch) == (1, 1.0, False, 800, 32)
+    assert (c.workers, c.cpus_per_worker, c.use_gpu, c.train.steps, c.train.global_batch) == (1, 1.0, False, 1300, 32)
+    assert not c.train.random_flip and c.train.eval.sampler == "ddim" and c.train.eval.clip_denoised is None
     assert (c.model_config().input_size, c.model_config().in_channels) == (16, 1)
     assert c.train.eval.enabled and c.train.eval.features == "digits-cnn-v1"
     # With the data prepared the shape comes from the manifest and is checked against the spec.
