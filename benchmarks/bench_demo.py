@@ -62,15 +62,15 @@ def main() -> int:
 
     from orchestrator.spec import load_spec
 
-    tmp = Path(tempfile.mkdtemp(prefix="ditscale-bench-demo-"))
-    spec_path = quick_spec(tmp, Path(args.spec)) if args.quick else Path(args.spec)
-    wall = None
+    tmp, wall = None, None
     if args.folder:
         root = Path(args.folder)
         spec_path = root / "spec.yaml"
     else:
         from orchestrator.study import run_study
 
+        tmp = Path(tempfile.mkdtemp(prefix="ditscale-bench-demo-"))
+        spec_path = quick_spec(tmp, Path(args.spec)) if args.quick else Path(args.spec)
         t0 = time.perf_counter()
         result = run_study(spec_path, storage=str(tmp / "runs"))
         wall = time.perf_counter() - t0
@@ -112,7 +112,7 @@ def main() -> int:
         print(f"final FID best / worst          {min(final):8.1f} / {max(final):.1f}   over {len(final)} cells")
     else:
         print("fewer than 3 cells finished with a final FID: no correlation")
-    if not args.folder:
+    if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

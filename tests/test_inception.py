@@ -21,7 +21,7 @@ import torch
 
 import dit.features as features
 from dit.errors import ConfigError
-from dit.evaluate import EvalConfig, Evaluator, eval_tags, reference_statistics
+from dit.evaluate import EvalConfig, Evaluator, eval_tags
 from dit.features import INCEPTION, INCEPTION_FILE, load_extractor
 from dit.fid import frechet_distance
 from dit.latents import LatentStream, Manifest
@@ -126,14 +126,14 @@ def test_inception_fid_end_to_end(random_inception, trusted_digest, no_download,
     manifest = Manifest.load(digits8)
     cfg = EvalConfig(enabled=True, num_samples=16, batch_size=8, sampler="ddim", steps=4, features=INCEPTION,
                      feature_weights=str(random_inception), reference_samples=48, inception_score=True)
-    ext = load_extractor(INCEPTION, weights=cfg.feature_weights)
-    ref = reference_statistics(cfg, manifest=manifest, extractor=ext)
-    assert ref.count == 48 and ref.mu.shape == (2048,) and ref.sigma.shape == (2048, 2048)
-
     torch.manual_seed(0)
     model = create_model({"depth": 1, "hidden_size": 32, "num_heads": 2, "patch_size": 2}, input_size=8,
                          in_channels=1, num_classes=10).eval()
-    ev = Evaluator(cfg, manifest=manifest, diffusion=create_diffusion(), extractor=ext, reference=ref)
+    # The evaluator loads the extractor from cfg.feature_weights and builds the reference itself.
+    ev = Evaluator(cfg, manifest=manifest, diffusion=create_diffusion()).setup()
+    ext, ref = ev.extractor, ev.reference
+    assert ext.name == INCEPTION and ext.num_classes == 1008
+    assert ref.count == 48 and ref.mu.shape == (2048,) and ref.sigma.shape == (2048, 2048)
     out = ev.run(model)
     assert math.isfinite(out["eval/fid"]) and out["eval/fid"] > 0
     assert 1.0 <= out["eval/inception_score"] <= 1008.0

@@ -49,7 +49,7 @@ def test_two_workers_zero2_trains_and_merges_every_rank_shard(zero2_run):
 
 
 @pytest.mark.slow
-def test_every_process_of_the_job_polls_reports_quickly(zero2_run):
+def test_every_process_of_the_job_gets_the_short_report_poll_interval(zero2_run):
     """Ray Train's controller takes one report per poll (2 s apart by default); ensure_ray gives
     every process of the job, controllers included, the short interval."""
     import ray
