@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-FID = "eval/fid"
-COMPUTE = "compute_gflops"
+from analysis.schema import FID
+
+COMPUTE = "compute_gflops"  # the frames' training-compute column (analysis.runs)
 
 
 def _g(v: float) -> str:
@@ -403,6 +404,43 @@ def _starts(z: np.ndarray, y: np.ndarray, alphas, e_fracs, lo, hi) -> list[np.nd
     return out
 
 
+def _saturating_points(evals: pd.DataFrame, x: str, y: str):
+    """The usable evaluations: labels, compute, FID, trial of each, and the excluded ones."""
+    df = evals.copy()
+    labels = _label(df) if len(df) else pd.Series(dtype=str)
+    cx, cy = pd.to_numeric(df[x], errors="coerce"), pd.to_numeric(df[y], errors="coerce")
+    ok = (cx > 0) & (cy > 0) & np.isfinite(cx) & np.isfinite(cy)
+    excluded = pd.DataFrame({"label": labels[~ok].tolist(),
+                             "reason": [f"missing or non-positive {x}/{y}"] * int((~ok).sum())})
+    df, labels = df[ok], labels[ok]
+    c, fid = cx[ok].to_numpy(float), cy[ok].to_numpy(float)
+    if len(c) < 6 or np.unique(c).size < 4:
+        raise ValueError("a saturating fit (3 parameters) needs at least 6 evaluations at 4 or more distinct "
+                         f"compute budgets (got {len(c)} at {np.unique(c).size})")
+    groups = df["trial"].astype(str).to_numpy() if "trial" in df else np.arange(len(c)).astype(str)
+    return labels, c, fid, groups, excluded
+
+
+def _bootstrap_saturating(theta, z, ly, groups, bounds, loss, f_scale, n_boot: int, bootstrap: str,
+                          seed: int) -> np.ndarray:
+    """Refits on ``n_boot`` resamples (of points, or of whole trials), each started at ``theta``."""
+    rng = np.random.default_rng(seed)
+    boot = []
+    uniq = np.unique(groups)
+    members = {g: np.flatnonzero(groups == g) for g in uniq}
+    for _ in range(n_boot):
+        if bootstrap == "trials" and len(uniq) > 1:
+            idx = np.concatenate([members[g] for g in rng.choice(uniq, len(uniq))])
+        else:
+            idx = rng.integers(0, len(z), len(z))
+        if np.unique(z[idx]).size < 3:
+            continue
+        r = _solve(theta, z[idx], ly[idx], bounds, loss, f_scale)
+        if r.status > 0:
+            boot.append(r.x)
+    return np.asarray(boot, dtype=float).reshape(-1, 3)
+
+
 def fit_saturating(
     evals: pd.DataFrame,
     *,
@@ -429,19 +467,7 @@ def fit_saturating(
         raise ValueError("bootstrap must be 'points' or 'trials'")
     if y not in evals:
         raise ValueError(f"no {y} values to fit")
-    df = evals.copy()
-    labels = _label(df) if len(df) else pd.Series(dtype=str)
-    cx, cy = pd.to_numeric(df[x], errors="coerce"), pd.to_numeric(df[y], errors="coerce")
-    ok = (cx > 0) & (cy > 0) & np.isfinite(cx) & np.isfinite(cy)
-    excluded = pd.DataFrame({"label": labels[~ok].tolist(),
-                             "reason": [f"missing or non-positive {x}/{y}"] * int((~ok).sum())})
-    df, labels = df[ok], labels[ok]
-    c, fid = cx[ok].to_numpy(float), cy[ok].to_numpy(float)
-    if len(c) < 6 or np.unique(c).size < 4:
-        raise ValueError("a saturating fit (3 parameters) needs at least 6 evaluations at 4 or more distinct "
-                         f"compute budgets (got {len(c)} at {np.unique(c).size})")
-    groups = df["trial"].astype(str).to_numpy() if "trial" in df else np.arange(len(c)).astype(str)
-
+    labels, c, fid, groups, excluded = _saturating_points(evals, x, y)
     C0 = float(np.exp(np.mean(np.log(c))))
     z, ly = c / C0, np.log(fid)
     lo = np.array([0.0, -60.0, 1e-4])
@@ -452,22 +478,7 @@ def fit_saturating(
     good = [r for r in results if r.status > 0]
     best = min(good or results, key=lambda r: r.cost)
     n_agree = sum(1 for r in good if r.cost <= best.cost * (1 + 1e-6) + 1e-12)
-
-    rng = np.random.default_rng(seed)
-    boot = []
-    uniq = np.unique(groups)
-    members = {g: np.flatnonzero(groups == g) for g in uniq}
-    for _ in range(n_boot):
-        if bootstrap == "trials" and len(uniq) > 1:
-            idx = np.concatenate([members[g] for g in rng.choice(uniq, len(uniq))])
-        else:
-            idx = rng.integers(0, len(c), len(c))
-        if np.unique(z[idx]).size < 3:
-            continue
-        r = _solve(best.x, z[idx], ly[idx], bounds, loss, f_scale)
-        if r.status > 0:
-            boot.append(r.x)
-    boot_arr = np.asarray(boot, dtype=float).reshape(-1, 3)
+    boot_arr = _bootstrap_saturating(best.x, z, ly, groups, bounds, loss, f_scale, n_boot, bootstrap, seed)
 
     E, la, alpha = (float(v) for v in best.x)
     resid = _residuals(best.x, z, ly)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.runs import FID, LOSS, SIZE_ORDER
+from analysis.schema import FID, LOSS, size_order
 
 STYLE = {
     "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 7.5,
@@ -96,7 +96,8 @@ def _size_color(size: str, order: list[str]) -> str:
 
 def _sizes(df: pd.DataFrame) -> list[str]:
     present = [str(s) for s in pd.unique(df["size"].dropna())] if "size" in df else []
-    return [s for s in SIZE_ORDER if s in present] + sorted(s for s in present if s not in SIZE_ORDER)
+    order = size_order()
+    return [s for s in order if s in present] + sorted(s for s in present if s not in order)
 
 
 def _patches(df: pd.DataFrame) -> list[Any]:

@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.runs import FID, StudyData
+from analysis import store
+from analysis.runs import StudyData
+from analysis.schema import FID, REPORT_ARTIFACT_DIR, REPORT_DIR
 
-ARTIFACT_DIR = "report"
+ARTIFACT_DIR = REPORT_ARTIFACT_DIR
 
 
 @dataclass
@@ -415,11 +417,9 @@ def _render_md(data, analyses, plots, ref_plots, notes, out: Path) -> str:
 
 def log_report(report: Report, data: StudyData, artifact_dir: str = ARTIFACT_DIR) -> str:
     """Log the report's files to the study's parent run under ``report/``; returns the run id."""
-    from analysis.runs import _client
-
     if not data.parent_run_id or not data.tracking_uri:
         raise ValueError("the report's data come from no MLflow study: nothing to log to")
-    client = _client(data.tracking_uri)
+    client = store.client(data.tracking_uri)
     root = report.path.parent
     for path in report.files:
         rel = path.parent.relative_to(root).as_posix()
@@ -437,7 +437,7 @@ def write_study_report(result, *, fmt: str = "html", log: bool = True, n_boot: i
     from analysis.runs import load_study
 
     data = load_study(result.parent_run_id or result.name, result.tracking_uri)
-    report = build_report(data, Path(result.root) / "report", fmt=fmt, n_boot=n_boot,
+    report = build_report(data, Path(result.root) / REPORT_DIR, fmt=fmt, n_boot=n_boot,
                           n_boot_saturating=n_boot_saturating)
     if log:
         try:

@@ -12,7 +12,7 @@ Three frames, one obvious row each:
 
 Training compute at a step is read from the trial's ``train/compute_gflops`` history (the
 trainer logs the images it actually consumed) and, where that history does not reach, is
-``gflops × 3 × global_batch × step`` (the paper's formula).
+``gflops × 3 × global_batch × step`` (the paper's formula, ``dit.flops.training_compute``).
 
 A published table (the DiT paper's Table 4 ships as ``dit/reference/dit_paper_table4.csv``)
 loads into the same frames, so the paper's numbers can be fitted and plotted beside a study.
@@ -32,18 +32,28 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis import store
+from analysis.schema import (
+    COMPUTE_METRIC,
+    EVAL_PREFIX,
+    FID,
+    FID_TAGS,
+    FLOAT_PARAMS,
+    INT_PARAMS,
+    KIND_STUDY,
+    KIND_TRIAL,
+    LOSS,
+    RESOLVED_SPEC_ARTIFACT,
+    STR_PARAMS,
+    STUDY_DB_FILE,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_REASON,
+    TAG_STUDY,
+    TAG_TRIAL,
+    size_by_config,
+)
 from dit.errors import ConfigError
-from orchestrator.tracking import TAG_KIND, TAG_PARENT, TAG_REASON, TAG_STUDY, TAG_TRIAL
-
-FID = "eval/fid"
-LOSS = "train/loss"
-COMPUTE_METRIC = "train/compute_gflops"
-FID_TAGS = ("eval.features", "eval.num_samples")
-
-INT_PARAMS = ("patch_size", "depth", "hidden_size", "num_heads", "image_size", "params", "global_batch",
-              "steps", "zero_stage")
-FLOAT_PARAMS = ("gflops", "lr")
-STR_PARAMS = ("model", "block", "precision")
 
 TRIAL_COLUMNS = [
     "trial", "model", "size", "patch_size", "depth", "hidden_size", "num_heads", "block", "image_size",
@@ -56,9 +66,6 @@ EVAL_KEYS = ["trial", "model", "size", "patch_size", "gflops", "params", "global
 LOSS_COLUMNS = ["trial", "model", "size", "patch_size", "gflops", "step", LOSS, "compute_gflops"]
 
 _SIZE_FROM_NAME = re.compile(r"^DiT-([A-Za-z]+)/\d+$")
-# The paper's four configs (depth, hidden) -> size letter, for runs named by a custom config.
-_SIZE_FROM_CONFIG = {(12, 384): "S", (12, 768): "B", (24, 1024): "L", (28, 1152): "XL"}
-SIZE_ORDER = ("S", "B", "L", "XL")
 
 
 @dataclass
@@ -84,7 +91,7 @@ class StudyData:
 
     @property
     def eval_metrics(self) -> list[str]:
-        return [c for c in self.evals.columns if c.startswith("eval/")]
+        return [c for c in self.evals.columns if c.startswith(EVAL_PREFIX)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -101,13 +108,17 @@ def model_size(model: Any, depth: Any = None, hidden: Any = None) -> str:
         key = (int(depth), int(hidden))
     except (TypeError, ValueError):
         return str(model)
-    return _SIZE_FROM_CONFIG.get(key, f"d{key[0]}-h{key[1]}")
+    return size_by_config().get(key, f"d{key[0]}-h{key[1]}")
 
 
 def training_compute(gflops: Any, global_batch: Any, step: Any) -> Any:
-    """The paper's training compute in Gflops: forward Gflops × 3 × batch × steps."""
-    return np.asarray(gflops, dtype=float) * 3.0 * np.asarray(global_batch, dtype=float) * np.asarray(
-        step, dtype=float)
+    """The paper's training compute in Gflops: forward Gflops × 3 × batch × steps, element-wise.
+
+    ``dit.flops.training_compute`` of one step's images, times the steps."""
+    from dit.flops import training_compute as compute_of
+
+    per_step = compute_of(np.asarray(gflops, dtype=float), np.asarray(global_batch, dtype=float))
+    return per_step * np.asarray(step, dtype=float)
 
 
 def _compute_at(steps: np.ndarray, gflops: float, batch: float, history: pd.DataFrame | None) -> np.ndarray:
@@ -140,11 +151,7 @@ def _empty(columns: list[str]) -> pd.DataFrame:
 
 
 def _client(uri: str):
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
+    return store.client(uri)
 
 
 def default_tracking_uri(study: str | None = None, storage: str | Path = "runs") -> str | None:
@@ -153,7 +160,7 @@ def default_tracking_uri(study: str | None = None, storage: str | Path = "runs")
     if uri:
         return uri
     if study:
-        for candidate in (Path(storage) / study / "mlflow.db", Path(study) / "mlflow.db"):
+        for candidate in (Path(storage) / study / STUDY_DB_FILE, Path(study) / STUDY_DB_FILE):
             if candidate.is_file():
                 return f"sqlite:///{candidate.resolve()}"
     return None
@@ -190,10 +197,10 @@ def find_study_run(client, study: str):
         except Exception:  # noqa: BLE001
             run = None
         if run is not None:
-            if run.data.tags.get(TAG_KIND) not in (None, "study") or TAG_STUDY not in run.data.tags:
-                raise ConfigError(f"run {study} is not a ditscale study run (tag {TAG_KIND}=study)")
+            if run.data.tags.get(TAG_KIND) not in (None, KIND_STUDY) or TAG_STUDY not in run.data.tags:
+                raise ConfigError(f"run {study} is not a ditscale study run (tag {TAG_KIND}={KIND_STUDY})")
             return run
-    where = f"tags.`{TAG_KIND}` = 'study' and tags.`{TAG_STUDY}` = '{_quote(study)}'"
+    where = f"tags.`{TAG_KIND}` = '{KIND_STUDY}' and tags.`{TAG_STUDY}` = '{_quote(study)}'"
     exp = client.get_experiment_by_name(study)
     experiments = [exp] if exp is not None and exp.lifecycle_stage == "active" else []
     for ids in ([e.experiment_id for e in experiments], None):
@@ -214,7 +221,7 @@ def list_studies(client) -> list[str]:
     ids = [e.experiment_id for e in _all_pages(client.search_experiments, max_results=1000)]
     if not ids:
         return []
-    runs = client.search_runs(ids, filter_string=f"tags.`{TAG_KIND}` = 'study'", max_results=1000)
+    runs = client.search_runs(ids, filter_string=f"tags.`{TAG_KIND}` = '{KIND_STUDY}'", max_results=1000)
     return sorted({r.data.tags.get(TAG_STUDY, "") for r in runs} - {""})
 
 
@@ -232,7 +239,7 @@ def _history(client, run_id: str, key: str) -> pd.DataFrame:
 def _load_spec(client, run_id: str) -> dict[str, Any] | None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            path = client.download_artifacts(run_id, "spec/resolved.json", tmp)
+            path = client.download_artifacts(run_id, RESOLVED_SPEC_ARTIFACT, tmp)
             return json.loads(Path(path).read_text())
     except Exception:  # noqa: BLE001
         return None
@@ -259,7 +266,7 @@ def load_study(study: str, tracking_uri: str | None = None) -> StudyData:
                           "check --tracking-uri and that the server is running") from None
     name = parent.data.tags[TAG_STUDY]
     exp_id = parent.info.experiment_id
-    where = f"tags.`{TAG_STUDY}` = '{_quote(name)}' and tags.`{TAG_KIND}` = 'trial'"
+    where = f"tags.`{TAG_STUDY}` = '{_quote(name)}' and tags.`{TAG_KIND}` = '{KIND_TRIAL}'"
     runs = {r.info.run_id: r for r in _all_pages(client.search_runs, experiment_ids=[exp_id],
                                                   filter_string=where, max_results=1000)}
     for r in _all_pages(client.search_runs, experiment_ids=[exp_id],
@@ -310,7 +317,7 @@ def _trial_frames(client, run) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFra
 
     compute_hist = _history(client, run.info.run_id, COMPUTE_METRIC) if COMPUTE_METRIC in metrics else None
     loss_hist = _history(client, run.info.run_id, LOSS)
-    eval_keys = sorted(k for k in metrics if k.startswith("eval/"))
+    eval_keys = sorted(k for k in metrics if k.startswith(EVAL_PREFIX))
     eval_df = None
     for key in eval_keys:
         h = _history(client, run.info.run_id, key).rename(columns={"value": key})
@@ -408,6 +415,17 @@ def load_published(
     """
     path = Path(path) if path is not None else paper_table_path()
     is_paper = path.resolve() == paper_table_path().resolve()
+    df = _published_rows(_read_published(path), global_batch, steps)
+    evals = df[EVAL_KEYS + [c for c in df.columns if c.startswith(EVAL_PREFIX)]].copy()
+    evals["step"] = evals["step"].astype("Int64")
+    evals = evals.sort_values(["gflops", "step"]).reset_index(drop=True)
+    trials = _published_trials(df)
+    label = name or ("DiT paper (Table 4)" if is_paper else path.stem)
+    return StudyData(name=label, trials=trials, evals=evals, losses=_empty(LOSS_COLUMNS), source="published",
+                     protocol=protocol or (PAPER_PROTOCOL if is_paper else f"as published in {path.name}"))
+
+
+def _read_published(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise ConfigError(f"published table {str(path)!r} does not exist")
     try:
@@ -419,7 +437,12 @@ def load_published(
     if missing:
         raise ConfigError(f"published table {path}: missing column(s) {sorted(missing)}; "
                           f"it has {list(raw.columns)}")
-    fid_col = next((c for c in ("eval/fid", "fid") if c in raw.columns), None) or next(
+    return raw
+
+
+def _published_rows(raw: pd.DataFrame, global_batch: int, steps: int) -> pd.DataFrame:
+    """One row per evaluation of the table, in the columns of ``evals`` (and a few more)."""
+    fid_col = next((c for c in (FID, "fid") if c in raw.columns), None) or next(
         (c for c in raw.columns if c.lower().startswith("fid")), None)
     df = pd.DataFrame({"model": raw["model"].astype(str), "gflops": pd.to_numeric(raw["gflops"], errors="coerce")})
     for k in ("depth", "hidden_size", "num_heads", "patch_size", "image_size"):
@@ -437,15 +460,16 @@ def load_published(
                           else float(global_batch))
     df[FID] = pd.to_numeric(raw[fid_col], errors="coerce") if fid_col else np.nan
     for c in raw.columns:  # any other eval metric the table carries
-        if c.startswith("eval/") and c != FID:
+        if c.startswith(EVAL_PREFIX) and c != FID:
             df[c] = pd.to_numeric(raw[c], errors="coerce")
     df["size"] = [model_size(m, d, h) for m, d, h in zip(df["model"], df["depth"], df["hidden_size"])]
     df["trial"] = df["model"]
     df["compute_gflops"] = training_compute(df["gflops"], df["global_batch"], df["step"])
-    evals = df[EVAL_KEYS + [c for c in df.columns if c.startswith("eval/")]].copy()
-    evals["step"] = evals["step"].astype("Int64")
-    evals = evals.sort_values(["gflops", "step"]).reset_index(drop=True)
+    return df
 
+
+def _published_trials(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per model: its last evaluation."""
     last = df.sort_values("step").groupby("trial", sort=False).tail(1)
     trials = pd.DataFrame({c: pd.Series([pd.NA] * len(last), dtype=object) for c in TRIAL_COLUMNS})
     for c in ("trial", "model", "size", "patch_size", "depth", "hidden_size", "num_heads", "image_size",
@@ -458,7 +482,4 @@ def load_published(
     trials["source"] = "published"
     trials["final_loss"] = trials["final_loss_avg"] = np.nan
     trials["params"] = pd.to_numeric(trials["params"], errors="coerce").round().astype("Int64")
-    trials = _finish_trials(trials)
-    label = name or ("DiT paper (Table 4)" if is_paper else path.stem)
-    return StudyData(name=label, trials=trials, evals=evals, losses=_empty(LOSS_COLUMNS), source="published",
-                     protocol=protocol or (PAPER_PROTOCOL if is_paper else f"as published in {path.name}"))
+    return _finish_trials(trials)

@@ -10,7 +10,7 @@
 * statistics: 2048-d features (Inception's pool3) on two simulated ranks: ``FeatureStats``
   update per 1k features, the merge, mean + covariance, and the Fréchet distance against a
   2048-d reference (``scipy.linalg.sqrtm``, as pytorch-fid / ADM). Target: merge + score < 2 s.
-  For comparison, the same distance from two symmetric eigensolves (not what dit.fid uses).
+  For comparison, the same distance from two symmetric eigensolves (not what dit.evaluate.fid uses).
 
 Each timing is the median of ``--repeats`` runs after one warm-up (none for the Fréchet distance
 with ``--quick``); the machine may be shared.
@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit.diffusion import create_diffusion  # noqa: E402
 from dit.errors import ConfigError  # noqa: E402
-from dit.evaluate import EvalConfig, _features_of, generate  # noqa: E402
-from dit.features import DIGITS, DigitsCNN, ModuleExtractor  # noqa: E402
-from dit.fid import FeatureStats, frechet_distance  # noqa: E402
+from dit.evaluate import EvalConfig, features_of as _features_of, generate  # noqa: E402
+from dit.evaluate.features import DIGITS, DigitsCNN, ModuleExtractor  # noqa: E402
+from dit.evaluate.fid import FeatureStats, frechet_distance  # noqa: E402
 from dit.models import create_model  # noqa: E402
 
 TINY = ({"depth": 2, "hidden_size": 64, "num_heads": 4, "patch_size": 2}, dict(input_size=8, in_channels=1, num_classes=10))
@@ -82,7 +82,7 @@ def bench_features(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     rows = []
     torch.manual_seed(0)
     net = DigitsCNN()
-    from dit.features import _Features
+    from dit.evaluate.features import _Features
 
     ext = ModuleExtractor(_Features(net), name=DIGITS, dim=64, input_size=8, channels=1, logits=net.head,
                           num_classes=10)
@@ -96,7 +96,7 @@ def bench_features(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
         rows.append(("features: inception-v3-tf", "-", f"skipped: torchvision unavailable ({type(err).__name__})"))
         return rows
     try:
-        from dit.features import InceptionExtractor
+        from dit.evaluate.features import InceptionExtractor
 
         inc = InceptionExtractor()
     except (ConfigError, ImportError) as err:

@@ -1,6 +1,6 @@
 """Streaming latents from WebDataset shards vs one .npy file per sample (fast-DiT's layout).
 
-    python benchmarks/bench_latents.py [--quick] [--samples N] [--batch-size 256] [--workers 2]
+    python benchmarks/bench_latents.py [--quick] [--samples N] [--batch-size 256] [--workers 2] [--shuffle-buffer 1000]
 
 Both layouts hold the same data: per sample a float16 (2, 4, 32, 32) array (the latent of
 the image and of its flip, as `ditscale prepare` stores them) and a class label; fast-DiT's
@@ -9,11 +9,22 @@ DataLoader settings (batch size, worker processes, random flip), one full pass e
 `LatentStream` (shards dealt to workers, shuffle buffer) vs a map-style Dataset with
 `DataLoader(shuffle=True)` (fast-DiT's CustomDataset). "cold" evicts the files from the page
 cache first (posix_fadvise DONTNEED), i.e. the first epoch on a fresh node or after eviction.
+
+Second table: the same shards read by WebDataset's own pipeline (the library that writes them),
+``WebDataset(urls, nodesplitter=split_by_node, shardshuffle=N, detshuffle=True) .shuffle(buffer)
+.decode() .to_tuple("latents.npy", "cls")``, a random flip view as float32, ``.batched(B)``,
+against `LatentStream` with the same batch size, shuffle buffer and DataLoader workers (0 and
+--workers). Shards are split over workers by both. "resume at k": seconds until batch k of the
+pass is in hand; WebDataset has no position to seek to, so it reads and discards k batches,
+`LatentStream(start_batch=k)` computes where batch k starts and reads from there. webdataset
+1.0.2: the default nodesplitter raises when RANK/WORLD_SIZE say more than one process, and
+shardshuffle must be set explicitly (None warns, True means 100).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import sys
@@ -147,14 +158,77 @@ def time_files(root: str, n: int, batch: int, workers: int) -> tuple[float, floa
     return _timed(torch.utils.data.DataLoader(FileDataset(root), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True))
 
 
+def _random_view(x: np.ndarray) -> np.ndarray:
+    """The latent of the image or of its flip, as float32 (what LatentStream hands out)."""
+    return x[np.random.randint(2)].astype(np.float32)
+
+
+def wds_loader(urls: list[str], batch: int, workers: int, buffer: int, seed: int = 0):
+    import webdataset as wds
+
+    ds = (
+        wds.WebDataset(urls, nodesplitter=wds.split_by_node, shardshuffle=len(urls), detshuffle=True, seed=seed, empty_check=False)
+        .shuffle(buffer, seed=seed)
+        .decode()
+        .to_tuple("latents.npy", "cls")
+        .map_tuple(_random_view, None)
+        .batched(batch, partial=False)
+    )
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+
+
+def _until(batches, k: int) -> float:
+    """Seconds until batch ``k`` (0-based) of ``batches`` is in hand."""
+    t0 = time.perf_counter()
+    it = iter(batches)
+    for _ in range(k + 1):
+        next(it)
+    dt = time.perf_counter() - t0
+    del it  # stops the DataLoader workers
+    return dt
+
+
+def compare_webdataset(manifest, n_batches: int, batch: int, workers: int, buffer: int, repeats: int) -> list[tuple]:
+    """Rows (reader, workers, samples/s, 1st batch s, resume-at-k s, k) on warm shards, each
+    reader reading the first ``n_batches`` batches of a pass, resuming at ``k = n_batches // 2``."""
+    from dit.latents import Manifest
+
+    urls = Manifest.load(manifest).shard_urls()
+    k = max(1, n_batches // 2)
+
+    def wds_batches(w: int, count: int):
+        return itertools.islice(wds_loader(urls, batch, w, buffer), count)
+
+    def stream_batches(w: int, count: int, start: int = 0):
+        return LatentStream(manifest, batch, seed=0, shuffle_buffer=buffer, num_workers=w, start_batch=start, epoch_length=count)
+
+    rows = []
+    for w in sorted({0, workers}):
+        for name in ("webdataset pipeline", "LatentStream"):
+            make = wds_batches if name == "webdataset pipeline" else stream_batches
+            _timed(make(w, 2))  # start-up paths warm (imports, page cache of the first shards)
+            best, resume = (0.0, 0.0), float("inf")
+            for _ in range(repeats):
+                first, rate = _timed(make(w, n_batches))
+                best = max(best, (rate, first))
+                if name == "LatentStream":  # seeks: the stream starts at batch k
+                    resume = min(resume, _until(stream_batches(w, 1, start=k), 0))
+                else:  # no position to seek to: read and discard k batches
+                    resume = min(resume, _until(wds_batches(w, k + 1), k))
+            rows.append((name, w, best[0], best[1], resume, k))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="8,192 samples, one repeat (< 1 min)")
+    ap.add_argument("--quick", action="store_true", help="8,192 samples, one repeat, 12 batches against WebDataset (< 1 min)")
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp dir on the working disk)")
+    ap.add_argument("--shuffle-buffer", type=int, default=1000, help="sample shuffle buffer of both readers (table 2)")
+    ap.add_argument("--no-webdataset", action="store_true", help="skip the WebDataset pipeline comparison")
     args = ap.parse_args()
     n = args.samples or (8192 if args.quick else 32768)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -194,6 +268,15 @@ def main() -> None:
         for cache, name, rate, ratio, startup, rc in rows:
             print(f"{cache:<6} {name:<24} {rate:>10,.0f} {ratio:>8.1f}x {startup:>9.2f}s {rc:>9}")
         print("samples/s: steady rate after the first batch; '1st batch': start-up (worker start, first shard + shuffle buffer)")
+        if not args.no_webdataset:
+            n_batches = min(n // args.batch_size, 12) if args.quick else n // args.batch_size
+            wrows = compare_webdataset(m.url, n_batches, args.batch_size, args.workers, args.shuffle_buffer, repeats)
+            print(f"\nsame shards, warm cache, batch {args.batch_size}, shuffle buffer {args.shuffle_buffer}, "
+                  f"first {n_batches} batches of a pass; resume: time until batch k={wrows[0][5]} is in hand")
+            print(f"{'reader':<20} {'workers':>7} {'samples/s':>10} {'vs wds':>7} {'1st batch':>10} {'resume at k':>12}")
+            ref = {w: rate for name, w, rate, *_ in wrows if name == "webdataset pipeline"}
+            for name, w, rate, first, resume, _ in wrows:
+                print(f"{name:<20} {w:>7} {rate:>10,.0f} {rate / ref[w]:>6.1f}x {first:>9.2f}s {resume:>11.2f}s")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

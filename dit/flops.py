@@ -23,6 +23,17 @@ from fvcore.nn import FlopCountAnalysis
 from dit.models import DiTConfig, create_model, config_name, model_config
 
 
+# Units. "Gflops" here are multiply-adds, as the paper counts them; hardware FLOPs are twice that.
+FLOPS_PER_MAC = 2
+# A training step costs about three forward passes (forward, and backward at twice the forward).
+TRAIN_PASSES = 3
+
+
+def training_compute(gflops: float, images: float) -> float:
+    """Training compute in the paper's units: forward Gflops x images seen x 3 (multiply-adds)."""
+    return gflops * TRAIN_PASSES * images
+
+
 def sdpa_flop_handle(inputs: list[Any], outputs: list[Any]) -> int:
     """Multiply-adds of softmax(Q K^T) V: B*H*L*S*E for QK^T plus B*H*L*S*Ev for AV."""
     q_shape = inputs[0].type().sizes()

@@ -15,25 +15,12 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-CANCEL_FILE = "CANCEL"
-
-
-def last_metrics(trial_dir: Path) -> dict[str, Any]:
-    path = trial_dir / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    with path.open("rb") as f:
-        f.seek(0, 2)
-        f.seek(max(0, f.tell() - 8192))  # the last line is all we need
-        lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
-    try:
-        return json.loads(lines[-1]) if lines else {}
-    except json.JSONDecodeError:  # a line being written right now
-        return json.loads(lines[-2]) if len(lines) > 1 else {}
+from analysis.schema import FID, IMAGES_PER_S, LOSS
+from orchestrator.layout import CANCEL_FILE, OUTCOME_FILE, last_metrics  # noqa: F401 -- re-exported
 
 
 def eta_seconds(metrics: dict[str, Any], steps: int, global_batch: int) -> float | None:
-    rate = metrics.get("train/images_per_s")
+    rate = metrics.get(IMAGES_PER_S)
     if not rate:
         return None
     return max(0, steps - int(metrics.get("step", 0))) * global_batch / rate
@@ -49,10 +36,10 @@ def format_eta(seconds: float | None) -> str:
 
 def progress_line(cell: str, metrics: dict[str, Any], steps: int, global_batch: int) -> str:
     step = int(metrics.get("step", 0))
-    fid = metrics.get("eval/fid")
+    fid = metrics.get(FID)
     return (
-        f"  {cell:<28} step {step:>7}/{steps:<7} loss {metrics.get('train/loss', float('nan')):.4f}"
-        f"  {metrics.get('train/images_per_s', 0.0):8.1f} img/s"
+        f"  {cell:<28} step {step:>7}/{steps:<7} loss {metrics.get(LOSS, float('nan')):.4f}"
+        f"  {metrics.get(IMAGES_PER_S, 0.0):8.1f} img/s"
         + (f"  FID {fid:.2f}" if fid is not None else "")
         + f"  ETA {format_eta(eta_seconds(metrics, steps, global_batch))}"
     )
@@ -83,7 +70,7 @@ class ProgressPrinter:
         lines = []
         for cell in self.cells:
             trial = self.trials_dir / cell.name
-            if (trial / "outcome.json").is_file():
+            if (trial / OUTCOME_FILE).is_file():
                 continue
             metrics = last_metrics(trial)
             if metrics:

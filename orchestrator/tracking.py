@@ -1,10 +1,11 @@
-"""MLflow names and runs: one experiment per study, a parent run per study, a child per trial.
+"""MLflow writes: one experiment per study, a parent run per study, a child per trial.
 
-Writers: the study driver (parent run) and each trial's Ray Train controller (its child
-run, through ``MLflowSink``). Workers never talk to MLflow. Every write goes through
-``_retry`` so a tracking server that is briefly down or a busy sqlite file delays
-logging instead of losing it; metrics that still cannot be sent stay buffered in the sink
-and go out with the next batch.
+Writers: the study driver (parent run, ``StudyTracker``) and each trial's Ray Train controller
+(its child run, through ``MLflowSink`` and ``SampleGridSink``). Workers never talk to MLflow.
+Every write goes through :func:`retry` so a tracking server that is briefly down or a busy
+sqlite file delays logging instead of losing it; metrics that still cannot be sent stay
+buffered in the sink and go out with the next batch. The names written (tags, params,
+metrics, artifact paths) are ``analysis.schema``'s; the client is ``analysis.store``'s.
 """
 
 from __future__ import annotations
@@ -17,22 +18,31 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
+from analysis import store
+from analysis.schema import (  # noqa: F401 -- TRIAL_PARAMS is re-exported: users script against it
+    CELLS_ARTIFACT,
+    FID,
+    KIND_STUDY,
+    KIND_TRIAL,
+    LOSS,
+    RESOLVED_SPEC_ARTIFACT,
+    SAMPLES_ARTIFACT_DIR,
+    SPEC_ARTIFACT_DIR,
+    TAG_GIT_COMMIT,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_PYTHON,
+    TAG_REASON,
+    TAG_RUN_NAME,
+    TAG_STUDY,
+    TAG_TRIAL,
+    TAG_VERSION_PREFIX,
+    TRIAL_PARAMS,
+)
 from dit.errors import ConfigError
+from orchestrator.layout import MLFLOW_DB, RUN_ID_FILE  # noqa: F401 -- RUN_ID_FILE: the old home
 
 T = TypeVar("T")
-
-TAG_STUDY = "ditscale.study"
-TAG_TRIAL = "ditscale.trial"
-TAG_KIND = "ditscale.kind"
-TAG_PARENT = "mlflow.parentRunId"
-TAG_REASON = "ditscale.failure_reason"
-RUN_ID_FILE = "mlflow_run_id"
-
-# Params every trial run carries (DESIGN.md); users script against these names.
-TRIAL_PARAMS = (
-    "model", "patch_size", "depth", "hidden_size", "num_heads", "block", "image_size", "gflops",
-    "params", "global_batch", "lr", "steps", "zero_stage", "precision",
-)
 
 
 def resolve_tracking_uri(cli_uri: str | None, spec_uri: str | None, study_dir: Path) -> str:
@@ -41,23 +51,16 @@ def resolve_tracking_uri(cli_uri: str | None, spec_uri: str | None, study_dir: P
     if uri:
         return uri
     study_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(study_dir / 'mlflow.db').resolve()}"
-
-
-def _quiet_http() -> None:
-    # Fail fast on an unreachable server: our own retry loop decides how long to wait.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    return f"sqlite:///{(study_dir / MLFLOW_DB).resolve()}"
 
 
 def client(uri: str):
-    from mlflow.tracking import MlflowClient
+    """An MlflowClient that fails fast on an unreachable server (``analysis.store``): our own
+    retry loop decides how long to wait."""
+    return store.client(uri)
 
-    _quiet_http()
-    return MlflowClient(tracking_uri=uri)
 
-
-def _retry(fn: Callable[[], T], *, attempts: int = 8, first_wait: float = 0.5, what: str = "MLflow") -> T:
+def retry(fn: Callable[[], T], *, attempts: int = 8, first_wait: float = 0.5, what: str = "MLflow") -> T:
     """Call fn, retrying transient failures (server down, sqlite busy) with backoff."""
     wait = first_wait
     for attempt in range(attempts):
@@ -69,6 +72,9 @@ def _retry(fn: Callable[[], T], *, attempts: int = 8, first_wait: float = 0.5, w
             time.sleep(wait)
             wait = min(wait * 2, 10.0)
     raise AssertionError("unreachable")
+
+
+_retry = retry  # the old private name
 
 
 def _transient(err: Exception) -> bool:
@@ -83,7 +89,7 @@ def _transient(err: Exception) -> bool:
 def check_reachable(uri: str) -> None:
     """Refuse to start a study against a tracking store that does not answer."""
     try:
-        _retry(lambda: client(uri).search_experiments(max_results=1), attempts=3, first_wait=1.0)
+        retry(lambda: client(uri).search_experiments(max_results=1), attempts=3, first_wait=1.0)
     except Exception as err:
         raise ConfigError(
             f"MLflow tracking store {uri!r} is not reachable ({type(err).__name__}: "
@@ -92,12 +98,12 @@ def check_reachable(uri: str) -> None:
 
 
 def versions() -> dict[str, str]:
-    tags = {"ditscale.python": platform.python_version()}
+    tags = {TAG_PYTHON: platform.python_version()}
     for pkg in ("ditscale", "torch", "ray", "deepspeed", "mlflow"):
         try:
             from importlib.metadata import version
 
-            tags[f"ditscale.version.{pkg}"] = version(pkg)
+            tags[f"{TAG_VERSION_PREFIX}{pkg}"] = version(pkg)
         except Exception:
             pass
     try:
@@ -106,7 +112,7 @@ def versions() -> dict[str, str]:
             cwd=Path(__file__).resolve().parent,
         )
         if commit.returncode == 0:
-            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+            tags[TAG_GIT_COMMIT] = commit.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         pass
     return tags
@@ -122,16 +128,16 @@ class StudyTracker:
         self.parent_id = self._parent_run()
 
     def _experiment(self, name: str, artifact_root: Path | None) -> str:
-        exp = _retry(lambda: self.client.get_experiment_by_name(name))
+        exp = retry(lambda: self.client.get_experiment_by_name(name))
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 raise ConfigError(f"MLflow experiment {name!r} is deleted; restore it or rename the study")
             return exp.experiment_id
         location = artifact_root.resolve().as_uri() if artifact_root else None
-        return _retry(lambda: self.client.create_experiment(name, artifact_location=location))
+        return retry(lambda: self.client.create_experiment(name, artifact_location=location))
 
     def _find(self, filter_string: str):
-        runs = _retry(
+        runs = retry(
             lambda: self.client.search_runs(
                 [self.experiment_id], filter_string=filter_string, max_results=10,
                 order_by=["attributes.start_time ASC"],
@@ -140,18 +146,18 @@ class StudyTracker:
         return runs[0] if runs else None
 
     def _parent_run(self) -> str:
-        found = self._find(f"tags.`{TAG_KIND}` = 'study' and tags.`{TAG_STUDY}` = '{self.study}'")
+        found = self._find(f"tags.`{TAG_KIND}` = '{KIND_STUDY}' and tags.`{TAG_STUDY}` = '{self.study}'")
         if found is not None:
             return found.info.run_id
-        tags = {TAG_KIND: "study", TAG_STUDY: self.study, "mlflow.runName": self.study, **versions()}
-        run = _retry(lambda: self.client.create_run(self.experiment_id, tags=tags, run_name=self.study))
+        tags = {TAG_KIND: KIND_STUDY, TAG_STUDY: self.study, TAG_RUN_NAME: self.study, **versions()}
+        run = retry(lambda: self.client.create_run(self.experiment_id, tags=tags, run_name=self.study))
         return run.info.run_id
 
     def log_study_files(self, spec_path: Path | None, resolved: dict[str, Any], cells_table: list[dict]) -> None:
         if spec_path is not None:
-            _retry(lambda: self.client.log_artifact(self.parent_id, str(spec_path), "spec"))
-        _retry(lambda: self.client.log_dict(self.parent_id, resolved, "spec/resolved.json"))
-        _retry(lambda: self.client.log_dict(self.parent_id, {"cells": cells_table}, "cells.json"))
+            retry(lambda: self.client.log_artifact(self.parent_id, str(spec_path), SPEC_ARTIFACT_DIR))
+        retry(lambda: self.client.log_dict(self.parent_id, resolved, RESOLVED_SPEC_ARTIFACT))
+        retry(lambda: self.client.log_dict(self.parent_id, {"cells": cells_table}, CELLS_ARTIFACT))
 
     def trial_run(self, trial: str, params: dict[str, Any], tags: dict[str, str], id_file: Path | None) -> str:
         """The child run of a trial: the one recorded in its folder, else found by tag, else new."""
@@ -163,12 +169,12 @@ class StudyTracker:
             run_id = found.info.run_id if found else None
         if run_id is None:
             all_tags = {TAG_STUDY: self.study, TAG_TRIAL: trial, TAG_PARENT: self.parent_id,
-                        TAG_KIND: "trial", **tags}
-            run = _retry(lambda: self.client.create_run(self.experiment_id, tags=all_tags, run_name=trial))
+                        TAG_KIND: KIND_TRIAL, **tags}
+            run = retry(lambda: self.client.create_run(self.experiment_id, tags=all_tags, run_name=trial))
             run_id = run.info.run_id
             log_params(self.client, run_id, params)
         else:
-            _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+            retry(lambda: self.client.update_run(run_id, status="RUNNING"))
         if id_file is not None:
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id)
@@ -176,17 +182,17 @@ class StudyTracker:
 
     def finish_trial(self, run_id: str, status: str, reason: str | None = None) -> None:
         if reason:
-            _retry(lambda: self.client.set_tag(run_id, TAG_REASON, reason[:5000]))
-        _retry(lambda: self.client.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED"))
+            retry(lambda: self.client.set_tag(run_id, TAG_REASON, reason[:5000]))
+        retry(lambda: self.client.set_terminated(run_id, "FINISHED" if status == "finished" else "FAILED"))
 
     def finish_study(self, status: str) -> None:
-        _retry(lambda: self.client.set_terminated(self.parent_id, status))
+        retry(lambda: self.client.set_terminated(self.parent_id, status))
 
     def trial_runs(self) -> list[Any]:
-        return _retry(
+        return retry(
             lambda: self.client.search_runs(
                 [self.experiment_id], filter_string=f"tags.`{TAG_STUDY}` = '{self.study}' and "
-                f"tags.`{TAG_KIND}` = 'trial'", max_results=10000,
+                f"tags.`{TAG_KIND}` = '{KIND_TRIAL}'", max_results=10000,
             )
         )
 
@@ -196,7 +202,7 @@ def log_params(mlflow_client, run_id: str, params: dict[str, Any]) -> None:
 
     items = [Param(k, _param_text(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):
-        _retry(lambda: mlflow_client.log_batch(run_id, params=items[i : i + 100]))
+        retry(lambda: mlflow_client.log_batch(run_id, params=items[i : i + 100]))
 
 
 def _param_text(value: Any) -> str:
@@ -245,9 +251,67 @@ class MLflowSink:
         while self.pending:
             batch = self.pending[:1000]
             try:
-                _retry(lambda: self._client.log_batch(self.run_id, metrics=batch), attempts=attempts)
+                retry(lambda: self._client.log_batch(self.run_id, metrics=batch), attempts=attempts)
             except Exception:
                 return False
             del self.pending[: len(batch)]
         self._next_try = 0.0
         return True
+
+
+def backfill(sink: MLflowSink, rows: Iterable[dict[str, Any]]) -> None:
+    """Send any step the controller could not deliver (MLflow was down), from the local log."""
+    c = client(sink.uri)
+    logged = {m.step for m in retry(lambda: c.get_metric_history(sink.run_id, LOSS))}
+    sink.pending.clear()
+    for row in rows:
+        if int(row["step"]) not in logged:
+            sink.add(row)
+    if not sink.flush(attempts=30):
+        raise RuntimeError(f"MLflow at {sink.uri} stayed unreachable; metrics are kept in metrics.jsonl")
+
+
+class SampleGridSink:
+    """Uploads each evaluation's sample grid (``samples/*.png`` in the trial folder) to the
+    trial's MLflow run, under ``samples/``, as the step's metrics arrive.
+
+    Runs in the trial's controller beside :class:`MLflowSink`, so it reads the trial folder
+    that rank 0 wrote: local or mounted storage only (with remote storage run_trial writes no
+    grids). ``add`` never raises; whatever failed to upload goes out with ``sweep``, which the
+    driver calls once the trial ends (log_artifact overwrites, so uploading twice is harmless).
+    """
+
+    def __init__(self, uri: str, run_id: str, folder: str | Path):
+        self.uri, self.run_id, self.folder = uri, run_id, Path(folder)
+        self.sent: set[str] = set()
+        self._client = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None}
+
+    def _upload(self, path: Path) -> bool:
+        if self._client is None:
+            self._client = client(self.uri)
+        try:
+            retry(lambda: self._client.log_artifact(self.run_id, str(path), SAMPLES_ARTIFACT_DIR), attempts=3)
+        except Exception:
+            return False
+        self.sent.add(path.name)
+        return True
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        if FID not in metrics:
+            return
+        from dit.train import sample_grid_path
+
+        path = sample_grid_path(self.folder, int(metrics["step"]))
+        if path.is_file() and path.name not in self.sent:
+            self._upload(path)
+
+    def sweep(self) -> int:
+        """Upload every grid in the folder not sent yet; returns how many are still missing."""
+        missing = 0
+        for path in sorted(self.folder.glob("samples_step*.png")) if self.folder.is_dir() else []:
+            if path.name not in self.sent and not self._upload(path):
+                missing += 1
+        return missing

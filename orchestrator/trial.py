@@ -15,76 +15,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from analysis.schema import FAILURE_LOSS, NONFINITE
+from orchestrator import ray_env
+from orchestrator.layout import METRICS_FILE, SAMPLES_DIR, read_metrics
+from orchestrator.spec.trial import TrialConfig, format_validation_error, load_trial_config  # noqa: F401 (re-exported)
 
-from dit.errors import ConfigError
-from dit.train import TrainConfig
-
-METRICS_FILE = "metrics.jsonl"
-SAMPLES_DIR = "samples"  # in the trial folder: one PNG grid per evaluation (local storage only)
-NONFINITE = "failure/nonfinite_loss"
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 REPORT_POLL_S = "0.2"  # seconds between a controller's polls of its workers (see train_env)
-
-
-class TrialConfig(BaseModel):
-    """What ``ditscale train CONFIG.yaml`` reads: a name, resources, storage and the recipe."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$", description="deterministic run name")
-    train: TrainConfig
-    workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0, description="fractional on a laptop: 2 workers fit 2 cores")
-    gpus_per_worker: float = Field(1.0, ge=0)
-    storage: str = Field("runs", description="local folder or pyarrow/fsspec URI (s3://, gs://, ...)")
-    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
-    keep_checkpoints: int = Field(2, ge=1)
-
-    @model_validator(mode="after")
-    def _check_batch(self) -> "TrialConfig":
-        self.train.accumulation(self.workers)
-        return self
-
-    def storage_uri(self) -> str:
-        if "://" in self.storage:
-            return self.storage
-        return str(Path(self.storage).expanduser().resolve())
-
-
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration"]
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {where}: {e['msg']}")
-    return "\n".join(lines)
-
-
-def load_trial_config(path: str | Path, **overrides: Any) -> TrialConfig:
-    """Read and validate a trial YAML; every problem becomes a ConfigError naming the field."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"cannot read trial config {str(path)!r}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with name, train, workers, ...")
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return TrialConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, str(path))) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,23 +36,9 @@ def load_trial_config(path: str | Path, **overrides: Any) -> TrialConfig:
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": train_env()})
-        return
-    # (orchestrator/__init__ keeps a local Ray on 127.0.0.1.)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"], **train_env()}},
-    )
+    """Connect to ``address`` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1, for trials:
+    every process of the job gets :func:`train_env`, a local one DS_ACCELERATOR too."""
+    ray_env.ensure_ray(address, num_cpus, log_to_driver=False, env_vars=train_env(), export_accelerator=True)
 
 
 def train_env() -> dict[str, str]:
@@ -122,12 +51,6 @@ def train_env() -> dict[str, str]:
     0.2 s costs the controller a few cheap RPCs; a value set by the user wins.
     """
     return {HEALTH_CHECK_ENV: os.environ.get(HEALTH_CHECK_ENV, REPORT_POLL_S)}
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -160,39 +83,15 @@ def _worker_loop(config: dict[str, Any]) -> None:
                 resume_from=resume_dir,
                 checkpoint_root=staging,
                 gflops=config.get("gflops"),
-                fault=_fault_hook(config.get("fault")),
+                step_callbacks=config.get("step_callbacks") or (),
                 sample_dir=config.get("sample_dir"),
             )
     except NonFiniteLoss as err:
         # Deterministic: a restart would diverge again. End the run (every rank raised at the
         # same step, all-reduced loss) and let the driver mark it failed with the reason.
-        report({"step": err.step, NONFINITE: 1.0, "failure/loss": err.value}, None)
+        report({"step": err.step, NONFINITE: 1.0, FAILURE_LOSS: err.value}, None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _fault_hook(fault: dict[str, Any] | None):
-    """Test-only fault injection, from ``run_trial(fault=...)``.
-
-    {"kill_at": step, "rank": r, "marker": path}: SIGKILL rank r after that step, once (the
-    marker file remembers across the restart). {"nan_at": step}: poison the weights.
-    """
-    if not fault:
-        return None
-    import torch
-    import torch.distributed as dist
-
-    def hook(step: int, engine: Any) -> None:
-        if step == fault.get("nan_at"):
-            with torch.no_grad():
-                for p in engine.module.parameters():
-                    p.fill_(float("nan"))
-        marker = Path(fault.get("marker", "/nonexistent"))
-        if step == fault.get("kill_at") and dist.get_rank() == fault.get("rank", 0) and not marker.exists():
-            marker.write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
 
 
 class MetricLog:
@@ -205,9 +104,7 @@ class MetricLog:
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path else None
-        self.rows: list[dict[str, float]] = []
-        if self.path and self.path.is_file():
-            self.rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        self.rows: list[dict[str, float]] = read_metrics(self.path) if self.path else []
 
     @property
     def last_step(self) -> int:
@@ -262,7 +159,7 @@ def run_trial(
     address: str | None = None,
     sinks: Sequence[Any] = (),
     gflops: float | None = None,
-    fault: dict[str, Any] | None = None,
+    step_callbacks: Sequence[Callable[[int, Any], None]] = (),
     metric_log: str | Path | None = None,
     callbacks: Sequence[Any] = (),
 ) -> TrialOutcome:
@@ -271,42 +168,26 @@ def run_trial(
     Every step's metrics land once in a JSONL log (``metric_log``, by default beside the
     checkpoints for local storage) and in each of ``sinks`` (objects with ``add(metrics)``,
     such as an MLflow logger); ``callbacks`` are extra ``ray.train.UserCallback``s (e.g.
-    Tune's report bridge). Worker crashes are retried ``max_failures`` times; a non-finite
-    loss ends the trial at once as "failed" with its step. With evaluation on and local
-    storage, each evaluation's sample grid lands in ``<trial folder>/samples/`` (rank 0 writes
-    it before that step's report; multi-node needs the folder shared, as Ray Train does).
+    Tune's report bridge). ``step_callbacks`` go to every worker's ``dit.train.train``
+    (called with each completed step and the engine; they must pickle). Worker crashes are
+    retried ``max_failures`` times; a non-finite loss ends the trial at once as "failed" with
+    its step. With evaluation on and local storage, each evaluation's sample grid lands in
+    ``<trial folder>/samples/`` (rank 0 writes it before that step's report; multi-node needs
+    the folder shared, as Ray Train does).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2.api.exceptions import TrainingFailedError
-
     from dit.latents import Manifest
 
     Manifest.load(cfg.train.data)  # a missing or broken manifest fails here, before Ray starts
     ensure_ray(address)
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
     local = trial_dir(cfg)
     log_path = Path(metric_log) if metric_log else (local / METRICS_FILE if local else None)
     if log_path is None:
         log_path = Path(tempfile.mkdtemp(prefix="ditscale-metrics-")) / METRICS_FILE
-    log = MetricLog(log_path)
-    resources = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = cfg.gpus_per_worker
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"train": cfg.train.model_dump(), "gflops": gflops, "fault": fault,
-                           "sample_dir": str(local / SAMPLES_DIR) if local and cfg.train.eval.enabled else None},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=cfg.storage_uri(),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=[make_metric_callback([log, *sinks]), *callbacks],
-        ),
-    )
+    loop_config = {"train": cfg.train.model_dump(), "gflops": gflops, "step_callbacks": list(step_callbacks),
+                   "sample_dir": str(local / SAMPLES_DIR) if local and cfg.train.eval.enabled else None}
+    trainer = _trainer(cfg, loop_config, [make_metric_callback([MetricLog(log_path), *sinks]), *callbacks])
     try:
         result = trainer.fit()
     except TrainingFailedError as err:
@@ -315,9 +196,33 @@ def run_trial(
     rows = MetricLog(log_path).rows  # the controller wrote it; read back its record
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if rows and NONFINITE in rows[-1]:
-        reason = f"non-finite loss ({rows[-1].get('failure/loss')}) at step {int(rows[-1]['step'])}"
+        reason = f"non-finite loss ({rows[-1].get(FAILURE_LOSS)}) at step {int(rows[-1]['step'])}"
         return TrialOutcome(cfg.name, "failed", reason, rows, checkpoint)
     return TrialOutcome(cfg.name, "finished", None, rows, checkpoint)
+
+
+def _trainer(cfg: TrialConfig, loop_config: dict[str, Any], callbacks: list[Any]):
+    """The trial's TorchTrainer: its workers, storage, restarts and checkpoints."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage_uri(),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+    )
 
 
 def _first_line(err: BaseException) -> str:

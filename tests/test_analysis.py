@@ -16,8 +16,8 @@ from analysis.fit import (
     frontier_at,
 )
 from analysis.runs import FID, LOSS, load_published, load_study, paper_table_path
+from analysis.schema import TAG_KIND, TAG_PARENT, TAG_STUDY, TAG_TRIAL
 from dit.errors import ConfigError
-from orchestrator.tracking import TAG_KIND, TAG_PARENT, TAG_STUDY, TAG_TRIAL
 
 # ------------------------------------------------------------------------------------------
 # The paper's table

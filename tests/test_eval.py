@@ -18,8 +18,6 @@ from dit.evaluate import (
     EvalConfig,
     Evaluator,
     Reference,
-    _mix,
-    _sampling_model,
     class_labels,
     eval_tags,
     evaluate,
@@ -27,13 +25,14 @@ from dit.evaluate import (
     rank_chunks,
     reference_statistics,
 )
-from dit.features import (
+from dit.evaluate.features import (
     DIGITS,
     INCEPTION_FILE,
     ModuleExtractor,
     load_extractor,
 )
-from dit.fid import ClassStats, FeatureStats, frechet_distance, precision_recall, save_statistics
+from dit.evaluate.fid import ClassStats, FeatureStats, frechet_distance, precision_recall, save_statistics
+from dit.evaluate.sampling import _mix, _sampling_model
 from dit.latents import Manifest, make_digits
 from dit.models import create_model
 
@@ -268,7 +267,7 @@ def test_missing_inception_weights_is_a_clear_config_error(tmp_path, monkeypatch
 def test_inception_wiring_through_a_stand_in_pytorch_fid(tmp_path, monkeypatch):
     """No torchvision here: a stand-in pytorch_fid module checks how we call it (weights come from
     our file through its load_state_dict_from_url, [-1, 1] input, pool3 + fc logits)."""
-    import dit.features as features
+    import dit.evaluate.features as features
 
     calls = {}
     fake = types.ModuleType("pytorch_fid.inception")
@@ -503,7 +502,7 @@ def test_fid_of_features_split_over_two_ranks_equals_one_process():
 def test_sample_grid_is_class_balanced_and_upscaled(tmp_path):
     from PIL import Image
 
-    from dit.evaluate import _GridPool, grid_layout, save_sample_grid
+    from dit.evaluate.grids import _GridPool, grid_layout, save_sample_grid
 
     assert grid_layout(10) == (10, 6) and grid_layout(1000) == (8, 1) and grid_layout(2) == (2, 8)
     pool = _GridPool(10)
@@ -557,7 +556,7 @@ def test_evaluate_cli_scores_a_trained_checkpoint_and_refuses_bad_input(digits8,
 
     import yaml
 
-    from dit.train import export_checkpoint
+    from dit.train.checkpoint import export_checkpoint
     from orchestrator.cli import main as cli
     from orchestrator.spec import load_spec
 
@@ -626,3 +625,16 @@ def test_trial_with_eval_logs_sample_grids_to_its_mlflow_run(digits8, tmp_path):
     assert grids.sweep() == 0
     names = [a.path for a in MlflowClient(uri).list_artifacts(run_id, "samples")]
     assert names == ["samples/samples_step00000002.png", "samples/samples_step00000004.png"]
+
+
+def test_public_names_users_script_against_still_import():
+    import dit.diffusion
+    import dit.evaluate
+    import dit.latents
+    import dit.models
+    import dit.train
+    from dit.evaluate.evaluator import evaluate
+
+    assert dit.evaluate.evaluate is evaluate and dit.evaluate.EvalConfig is EvalConfig
+    assert callable(dit.models.create_model) and callable(dit.diffusion.create_diffusion)
+    assert callable(dit.train.train) and dit.latents.LatentStream.__module__ == "dit.latents.stream"

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-import dit.features as features
+import dit.evaluate.features as features
 from dit.errors import ConfigError
 from dit.evaluate import EvalConfig, Evaluator, eval_tags
-from dit.features import INCEPTION, INCEPTION_FILE, load_extractor
-from dit.fid import frechet_distance
+from dit.evaluate.features import INCEPTION, INCEPTION_FILE, load_extractor
+from dit.evaluate.fid import frechet_distance
 from dit.latents import LatentStream, Manifest
 
 pytestmark = pytest.mark.inception

@@ -220,7 +220,7 @@ def test_interrupted_prepare_resumes_without_duplicates(tmp_path, monkeypatch):
 
 
 def test_shard_size_in_bytes(tmp_path):
-    from orchestrator.prepare import _parse_bytes
+    from orchestrator.cli.prepare import _parse_bytes
 
     assert _parse_bytes("64MB") == 64_000_000 and _parse_bytes("1GiB") == 2**30 and _parse_bytes("4096") == 4096
     m = write_shards(indexed_source(200, 8), IdentityCodec(), tmp_path / "o", shard_bytes=30_000)
@@ -331,16 +331,16 @@ def test_ranks_and_workers_read_disjoint_parts_covering_all(tmp_path, shard_size
             assert len({shard_of[i] for i in s}) == 2
 
 
-def test_rank_from_environment(tmp_path, monkeypatch):
+def test_rank_is_passed_not_read_from_environment(tmp_path, monkeypatch):
+    """rank/world_size default to 0/1 whatever RANK/WORLD_SIZE say; callers pass them."""
     m = write_shards(indexed_source(40), IdentityCodec(), tmp_path / "o", shard_size=10)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     s = LatentStream(m, 5)
-    assert (s.rank, s.world_size) == (1, 2)
-    assert read_ids(m, 4) == read_ids(m, 4, rank=1, world_size=2)
-    monkeypatch.setenv("RANK", "2")
+    assert (s.rank, s.world_size) == (0, 1)
+    assert read_ids(m, 4) == read_ids(m, 4, rank=0, world_size=1) != read_ids(m, 4, rank=1, world_size=2)
     with pytest.raises(ConfigError, match="rank 2 / world_size 2"):
-        LatentStream(m, 5)
+        LatentStream(m, 5, rank=2, world_size=2)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -380,15 +380,16 @@ def test_full_pass_is_a_permutation_and_resumes(tmp_path):
 
 
 def test_vectorised_and_generic_parsers_agree(digits_dir):
-    from dit import latents as L
+    from dit.latents.shards import _fetch, _parse_generic, _Stats
+    from dit.latents.tarparse import _parse_regular
 
     m = Manifest.load(digits_dir)
     spec = LatentStream(m, 8)._spec
     for j, url in enumerate(m.shard_urls()[:3]):
-        fetched = L._fetch(spec, j)
+        fetched = _fetch(spec, j)
         assert fetched.sha_ok
-        fast = L._parse_regular(fetched.data, m.shards[j].count, m.latent_shape)
-        slow = L._parse_generic(spec, j, fetched, L._Stats())
+        fast = _parse_regular(fetched.data, m.shards[j].count, m.latent_shape)
+        slow = _parse_generic(spec, j, fetched, _Stats())
         assert fast is not None and fast.latents.shape == (m.shards[j].count, 2, 1, 16, 16)
         np.testing.assert_array_equal(fast.latents, slow.latents)
         np.testing.assert_array_equal(fast.labels, slow.labels)

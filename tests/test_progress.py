@@ -25,3 +25,22 @@ def test_progress_lines_for_running_trials_only(tmp_path):
 
 def test_progress_is_quiet_when_not_a_terminal(tmp_path):
     assert not ProgressPrinter(tmp_path, [], stream=io.StringIO()).enabled
+
+
+def test_one_reader_of_the_metric_log_for_progress_status_and_the_trial(tmp_path):
+    import pytest
+
+    from orchestrator.layout import read_metrics
+    from orchestrator.study import last_fid
+    from orchestrator.trial import MetricLog
+
+    log = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "train/loss": 1.0 / s, **({"eval/fid": 50.0 - s} if s % 4 == 0 else {})} for s in range(1, 400)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 40')  # the last row half written
+    assert read_metrics(log) == rows == MetricLog(log).rows
+    assert read_metrics(log, tail=True)[-1] == rows[-1] and len(read_metrics(log, tail=True)) < len(rows)
+    assert last_metrics(tmp_path) == rows[-1] and last_fid(tmp_path) == 50.0 - 396
+    log.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')  # a broken row inside the log is an error
+    with pytest.raises(json.JSONDecodeError):
+        read_metrics(log)
+    assert read_metrics(tmp_path / "none.jsonl") == [] and last_fid(tmp_path / "none") is None

@@ -17,12 +17,12 @@ from dit.errors import ConfigError
 from orchestrator.cli import main as cli
 from orchestrator.spec import (
     Cell,
+    TrialConfig,
     load_spec,
     order_by_cost,
     parse_spec,
     spec_json_schema,
 )
-from orchestrator.trial import TrialConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = sorted((ROOT / "studies").glob("*.yaml"))

@@ -81,7 +81,7 @@ def test_nan_stops_at_once_with_the_step(digits8, tmp_path):
                 next(engine.module.parameters()).fill_(float("nan"))
 
     with pytest.raises(NonFiniteLoss, match="at step 4"):
-        run(recipe(digits8), tmp_path, fault=poison)
+        run(recipe(digits8), tmp_path, step_callbacks=[poison])
 
 
 def test_bad_recipes_name_the_field(digits8):

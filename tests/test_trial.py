@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import yaml
 
+from faults.injectors import KillAt, PoisonAt
 from orchestrator.trial import TrialConfig, load_trial_config, run_trial
 
 TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4, "patch_size": 2}
@@ -86,7 +87,7 @@ def test_one_worker_follows_two_workers_at_the_same_global_batch(digits8, storag
 @pytest.mark.slow
 def test_sigkilled_worker_restarts_from_checkpoint_and_logs_each_step_once(digits8, storage, tmp_path, zero2_run):
     marker = tmp_path / "killed"
-    outcome = run_trial(trial(digits8, storage, "killed"), fault={"kill_at": 9, "rank": 1, "marker": str(marker)})
+    outcome = run_trial(trial(digits8, storage, "killed"), step_callbacks=[KillAt(9, marker, rank=1)])
     assert marker.exists(), "the fault was never injected"
     assert outcome.status == "finished", outcome.reason
     assert [r["step"] for r in outcome.metrics] == list(range(2, 17, 2))  # each step exactly once
@@ -95,7 +96,7 @@ def test_sigkilled_worker_restarts_from_checkpoint_and_logs_each_step_once(digit
 
 @pytest.mark.slow
 def test_nan_fails_the_trial_at_once_with_its_reason(digits8, storage):
-    outcome = run_trial(trial(digits8, storage, "nan"), fault={"nan_at": 3})
+    outcome = run_trial(trial(digits8, storage, "nan"), step_callbacks=[PoisonAt(3)])
     assert outcome.status == "failed"
     assert outcome.reason.startswith("non-finite loss (nan) at step 4")
     assert outcome.checkpoint is None  # it died before its first checkpoint at step 6

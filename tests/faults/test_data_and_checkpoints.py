@@ -61,7 +61,8 @@ def test_disk_full_at_checkpoint_time_is_clear_and_keeps_the_previous_checkpoint
     old = resource.getrlimit(resource.RLIMIT_FSIZE)
     try:
         with pytest.raises(CheckpointWriteError, match="cannot write the step-8 checkpoint") as err:
-            train(recipe(digits8), lambda m, c: reports.append((m, c)), checkpoint_root=tmp_path, fault=fill_disk)
+            train(recipe(digits8), lambda m, c: reports.append((m, c)), checkpoint_root=tmp_path,
+                  step_callbacks=[fill_disk])
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old)
     assert "Earlier checkpoints are untouched" in str(err.value)

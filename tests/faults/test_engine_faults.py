@@ -10,6 +10,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from faults.injectors import KillAt
 from orchestrator.study import run_study
 from orchestrator.tracking import TAG_KIND, TAG_REASON, TAG_TRIAL, MLflowSink, StudyTracker
 from orchestrator.trial import TrialConfig, run_trial
@@ -63,7 +64,7 @@ def test_1_sigkilled_worker_resumes_every_step_once_in_mlflow_and_same_final_wei
     run_id = tracker.trial_run("killed", {}, {}, None)
     marker = tmp_path / "killed.marker"
     killed = run_trial(cfg("killed"), sinks=[MLflowSink(uri, run_id)],
-                       fault={"kill_at": 9, "rank": 1, "marker": str(marker)})
+                       step_callbacks=[KillAt(9, marker, rank=1)])
     clean = run_trial(cfg("clean"))
     assert marker.exists() and killed.status == clean.status == "finished"
     steps = [m.step for m in MlflowClient(uri).get_metric_history(run_id, "train/loss")]

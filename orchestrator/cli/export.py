@@ -11,7 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from dit.train import export_checkpoint
+    from dit.train.checkpoint import export_checkpoint
 
     print(f"wrote {export_checkpoint(args.checkpoint, args.out)}")
     return 0

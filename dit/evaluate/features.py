@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dit.errors import ConfigError
+from dit.files import atomic_path, read_bytes, resolve
 
 __all__ = [
     "DIGITS",
@@ -372,9 +373,8 @@ def train_digits_classifier(
             "state_dict": {k: v.clone() for k, v in net.state_dict().items()},
             "heldout_indices": held.tolist(), "heldout_accuracy": acc}
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + f".tmp-{os.getpid()}")
-    torch.save(blob, tmp)
-    tmp.replace(out_path)
+    with atomic_path(out_path) as tmp:
+        torch.save(blob, tmp)
     return {"path": None, "sha256": _file_sha256(out_path), "dim": net.arch["dim"], "input_size": input_size,
             "heldout_accuracy": round(acc, 4), "seed": int(seed), "config": config,
             "train_seconds": time.perf_counter() - t0}
@@ -425,9 +425,7 @@ def _digits_location(manifest: Any, weights: str | os.PathLike[str] | None) -> s
             "`ditscale prepare digits --out DIR --image-size N` (it trains features/digits_classifier.pt "
             "next to the manifest; finished shards are kept), or set eval.feature_weights"
         )
-    from dit.latents import _resolve
-
-    return _resolve(manifest.url or "", rec["path"])
+    return resolve(manifest.url or "", rec["path"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,9 +479,7 @@ def load_extractor(name: str, *, manifest: Any = None, weights: str | os.PathLik
         loc = _digits_location(manifest, weights)
         check_extractor(name, manifest=manifest, weights=weights)
         if "://" in loc:
-            from dit.latents import _read_bytes
-
-            return load_digits_extractor(bytes(_read_bytes(loc)), device)
+            return load_digits_extractor(bytes(read_bytes(loc)), device)
         return load_digits_extractor(loc, device)
     factory = _REGISTRY.get(name) or (_import_factory(name) if ":" in name else None)
     if factory is None:
@@ -505,3 +501,17 @@ def describe_resize(name: str, image_size: int | None = None) -> str:
         s = digits_input_size(image_size)
         return f"bilinear, antialiased, to {s}x{s} (F.interpolate)"
     return "as the extractor defines"
+
+
+def digits_feature_nets(source: Any, out_dir: str, seed: int) -> dict[str, Any]:
+    """The manifest's ``features`` for the digits: the ``digits-cnn-v1`` classifier behind digits
+    FID (seeded, ~1-2 s on a CPU), kept when a rerun finds one trained with the same settings.
+    Passed to :func:`dit.latents.begin_prepare` as ``feature_nets``; other sources get none."""
+    if getattr(source, "kind", None) != "digits":
+        return {}
+    path = os.path.join(out_dir, DIGITS_FILE)
+    rec = digits_classifier_record(path, digits_classifier_config(source, seed=seed))
+    if rec is None:
+        rec = train_digits_classifier(source, path, seed=seed)
+    keep = ("sha256", "dim", "input_size", "heldout_accuracy", "seed")
+    return {DIGITS: {"path": DIGITS_FILE, **{k: rec[k] for k in keep}}}

@@ -96,7 +96,8 @@ def _hours(h: float) -> str:
 
 
 def _spec_main(path: str, as_json: bool) -> int:
-    from orchestrator.spec import FLOPS_PER_MAC, load_spec
+    from dit.flops import FLOPS_PER_MAC
+    from orchestrator.spec import load_spec
 
     spec = load_spec(path)
     cells = spec.cells()

@@ -73,82 +73,57 @@ def _pick_cell(spec: Any, name: str | None, checkpoint: Path) -> Any:
     raise ConfigError(f"the spec has {len(cells)} cells; name one with --cell ({', '.join(cells)})")
 
 
-def _latest_checkpoint(folder: Path) -> Path:
-    found = sorted(p for p in folder.glob("checkpoint_*") if (p / "trainer_state.json").is_file())
-    if not found:
-        raise ConfigError(
-            f"{str(folder)!r} is not a ditscale checkpoint (no trainer_state.json + ema.pt) and holds no "
-            "complete checkpoint_* folder"
-        )
-    return found[-1]
-
-
-def _load_weights(model: Any, sd: dict[str, Any], what: str, model_name: str) -> None:
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()][1:4]
-        raise ConfigError(
-            f"{what}: the weights do not fit model {model_name} ({'; '.join(lines)[:600]}); "
-            "check --model and the data (latent size, channels, classes)"
-        ) from None
-
-
 def load_model(checkpoint: str | Path, manifest: Any, *, cell: Any = None, model: str | None = None,
-               learn_sigma: bool | None = None) -> tuple[Any, str, dict[str, Any]]:
-    """(the EMA model in eval mode, its name, where it came from) for a checkpoint folder or a state-dict file."""
-    import torch
-
-    from dit.models import config_name, create_model, load_state_dict, model_config
+               learn_sigma: bool | None = None) -> tuple[Any, Any, str, dict[str, Any]]:
+    """(the EMA model in eval mode, its diffusion, its name, where it came from) for a checkpoint
+    folder, a trial folder (its latest checkpoint) or a state-dict file. The diffusion is the
+    cell's (steps, schedule; the paper's without a cell) with the model's learn_sigma."""
+    from dit.models import config_name, load_state_dict, model_config
+    from dit.train.checkpoint import Checkpoint, build_model, eval_diffusion
 
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise ConfigError(f"checkpoint {str(path)!r} does not exist")
-    channels, height, width = manifest.latent_shape
+    train = cell.train if cell is not None else None
     if path.is_dir():
-        if not (path / "trainer_state.json").is_file():
-            path = _latest_checkpoint(path)
-        if not (path / "ema.pt").is_file():
-            raise ConfigError(f"{str(path)!r} is not a ditscale checkpoint (no ema.pt)")
-        try:
-            state = json.loads((path / "trainer_state.json").read_text())
-            mcfg = model_config(state["model"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"{str(path)!r}: unreadable trainer_state.json ({err})") from None
+        ckpt = Checkpoint.open(path)
         if model:
             raise ConfigError("--model is for .pt state dicts; a checkpoint folder names its own model")
-        sd = load_state_dict(path / "ema.pt")
-        source = {"kind": "checkpoint", "path": str(path), "step": state.get("step")}
-    else:
-        if model is None and cell is None:
-            raise ConfigError(f"{str(path)!r} is a plain state dict: say which model with --model (e.g. DiT-XL/2)")
+        _check_fits(ckpt.model_config, manifest)
+        name = config_name(ckpt.model_config)
+        net, diffusion = ckpt.load_for_eval(name, train)
+        return net, diffusion, name, {"kind": "checkpoint", "path": str(ckpt.path), "step": ckpt.step}
+    if model is None and cell is None:
+        raise ConfigError(f"{str(path)!r} is a plain state dict: say which model with --model (e.g. DiT-XL/2)")
+    channels, height, _ = manifest.latent_shape
+    if model is not None:
         overrides: dict[str, Any] = dict(input_size=height, in_channels=channels, num_classes=manifest.num_classes)
-        if model is not None:
-            if learn_sigma is not None:
-                overrides["learn_sigma"] = learn_sigma
-            mcfg = model_config(model, **overrides)
-        else:
-            mcfg = cell.model_config()
-        sd = load_state_dict(path)
-        source = {"kind": "state_dict", "path": str(path)}
+        if learn_sigma is not None:
+            overrides["learn_sigma"] = learn_sigma
+        mcfg = model_config(model, **overrides)
+    else:
+        mcfg = cell.model_config()
+    sd = load_state_dict(path)
+    _check_fits(mcfg, manifest)
+    name = model or config_name(mcfg)
+    net = build_model(mcfg, sd, str(path), name)
+    return net, eval_diffusion(net, train), name, {"kind": "state_dict", "path": str(path)}
+
+
+def _check_fits(mcfg: Any, manifest: Any) -> None:
+    channels, height, width = manifest.latent_shape
     if (mcfg.in_channels, mcfg.input_size, mcfg.input_size) != (channels, height, width) \
             or mcfg.num_classes != manifest.num_classes:
         raise ConfigError(
             f"the model takes {mcfg.in_channels}x{mcfg.input_size}x{mcfg.input_size} latents and "
             f"{mcfg.num_classes} classes; the data has {channels}x{height}x{width} and {manifest.num_classes}"
         )
-    name = model or config_name(mcfg)
-    with torch.random.fork_rng():
-        net = create_model(mcfg)
-    _load_weights(net, sd, str(path), name)
-    return net.eval().requires_grad_(False), name, source
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from pydantic import ValidationError
 
-    from dit.diffusion import create_diffusion
     from dit.evaluate import EvalConfig, Evaluator, eval_tags
     from dit.latents import Manifest
     from orchestrator.trial import format_validation_error
@@ -170,13 +145,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, "evaluation settings")) from None
     learn_sigma = cell.train.learn_sigma if cell is not None else None
-    model, name, source = load_model(args.checkpoint, manifest, cell=cell, model=args.model, learn_sigma=learn_sigma)
-    if cell is not None:
-        t = cell.train
-        diffusion = create_diffusion(steps=t.diffusion_steps, schedule=t.noise_schedule, learn_sigma=model.learn_sigma)
-        random_flip = t.random_flip
-    else:
-        diffusion, random_flip = create_diffusion(learn_sigma=model.learn_sigma), False
+    model, diffusion, name, source = load_model(args.checkpoint, manifest, cell=cell, model=args.model,
+                                                learn_sigma=learn_sigma)
+    random_flip = cell.train.random_flip if cell is not None else False
     if cfg.steps > diffusion.num_timesteps:
         raise ConfigError(f"--steps {cfg.steps} exceeds the diffusion's {diffusion.num_timesteps} steps")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

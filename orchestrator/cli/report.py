@@ -26,9 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_out(name: str) -> Path:
+    from analysis.schema import REPORT_DIR
+
     folder = Path("runs") / name
     if folder.is_dir():
-        return folder / "report"
+        return folder / REPORT_DIR
     return Path(re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") + "-report")
 
 

@@ -29,11 +29,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from dit.dist import all_reduce_sum, world_size
 from dit.errors import ConfigError
+from dit.files import atomic_path
 
 __all__ = [
+    "all_reduce_sum",
     "ClassStats",
     "FeatureStats",
     "FrechetResult",
@@ -42,21 +44,6 @@ __all__ = [
     "load_statistics",
     "save_statistics",
 ]
-
-
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all ranks (a no-op without a process group). NCCL needs it on the GPU."""
-    if not _dist_on():
-        return t
-    device = t.device
-    if dist.get_backend() == "nccl" and device.type != "cuda":
-        t = t.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(t)
-    return t.to(device)
 
 
 class FeatureStats:
@@ -89,7 +76,7 @@ class FeatureStats:
 
     def all_reduce(self) -> "FeatureStats":
         """Sum the statistics of every rank in place (one collective; every rank must call it)."""
-        if not _dist_on():
+        if world_size() == 1:
             return self
         d = self.dim
         packed = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device),
@@ -139,7 +126,7 @@ class ClassStats:
         self.sum_plogp += (p * logp).sum()
 
     def all_reduce(self) -> "ClassStats":
-        if not _dist_on():
+        if world_size() == 1:
             return self
         packed = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum_p.device),
                             self.sum_p, self.sum_plogp.reshape(1)])
@@ -266,10 +253,10 @@ def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **extra
     """An ADM-compatible ``.npz`` (``mu``, ``sigma``) plus our own fields, written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{np.random.default_rng().integers(1 << 30)}.npz")
     arrays = {k: np.asarray(v) for k, v in extra.items() if v is not None}
-    np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **arrays)
-    tmp.replace(path)
+    # np.savez appends ".npz" to a file *name* without it; handed an open file it writes as is.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **arrays)
     return path
 
 

@@ -13,6 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from analysis.schema import LOSS
     from orchestrator.trial import load_trial_config, run_trial
 
     cfg = load_trial_config(args.config, storage=args.storage, workers=args.workers)
@@ -20,7 +21,7 @@ def main(args: argparse.Namespace) -> int:
     last = outcome.metrics[-1] if outcome.metrics else {}
     print(
         f"trial {outcome.name}: {outcome.status} at step {outcome.last_step}"
-        + (f" (loss {last['train/loss']:.4f})" if "train/loss" in last else "")
+        + (f" (loss {last[LOSS]:.4f})" if LOSS in last else "")
         + (f": {outcome.reason}" if outcome.reason else "")
     )
     if outcome.checkpoint:

@@ -2,7 +2,9 @@
 
 Each subcommand lives in the module that owns its concern, as a pair of functions
 ``add_arguments(parser)`` and ``main(args) -> int`` (other names may be given below); this
-file only wires them up and turns user errors into a message and exit code 2.
+file only wires them up and turns user errors into a message and exit code 2. ``main()``
+first sets the process environment Ray needs (``orchestrator.ray_env.configure_process_env``),
+before any subcommand can import Ray.
 """
 
 from __future__ import annotations
@@ -14,23 +16,24 @@ import sys
 from typing import Sequence
 
 from dit.errors import ConfigError
+from orchestrator.ray_env import configure_process_env
 
 # name -> (module, one-line help[, add-arguments function, main function]). Modules are imported lazily so `ditscale --help`
 # does not pay for importing Ray, DeepSpeed and MLflow.
 SUBCOMMANDS: dict[str, tuple[str, ...]] = {
-    "flops": ("orchestrator.flops_cli", "Gflops and parameter table for models or a study spec"),
-    "prepare": ("orchestrator.prepare", "encode a data set into WebDataset latent shards"),
-    "run": ("orchestrator.study_cli", "run a study: every grid cell as a Ray Tune trial, tracked in MLflow"),
-    "resume": ("orchestrator.study_cli", "finish an interrupted study (finished cells are not rerun)",
+    "flops": ("orchestrator.cli.flops", "Gflops and parameter table for models or a study spec"),
+    "prepare": ("orchestrator.cli.prepare", "encode a data set into WebDataset latent shards"),
+    "run": ("orchestrator.cli.study", "run a study: every grid cell as a Ray Tune trial, tracked in MLflow"),
+    "resume": ("orchestrator.cli.study", "finish an interrupted study (finished cells are not rerun)",
                "add_arguments", "resume_main"),
-    "status": ("orchestrator.study_cli", "per-cell status of a study", "add_status_arguments", "status_main"),
-    "cancel": ("orchestrator.study_cli", "stop a running study (resume continues it)", "add_status_arguments",
+    "status": ("orchestrator.cli.study", "per-cell status of a study", "add_status_arguments", "status_main"),
+    "cancel": ("orchestrator.cli.study", "stop a running study (resume continues it)", "add_status_arguments",
                "cancel_main"),
-    "train": ("orchestrator.train_cli", "run one trial (one model) with Ray Train + DeepSpeed"),
-    "export": ("orchestrator.export_cli", "export a checkpoint's EMA weights as a plain state dict"),
-    "evaluate": ("orchestrator.evaluate_cli", "FID and other eval metrics of a checkpoint, outside a study"),
-    "report": ("orchestrator.report_cli", "fit scaling laws, plot and write a study's report (or a published table's)"),
-    "schema": ("orchestrator.schema_cli", "print the study spec's JSON Schema (for editor completion)"),
+    "train": ("orchestrator.cli.train", "run one trial (one model) with Ray Train + DeepSpeed"),
+    "export": ("orchestrator.cli.export", "export a checkpoint's EMA weights as a plain state dict"),
+    "evaluate": ("orchestrator.cli.evaluate", "FID and other eval metrics of a checkpoint, outside a study"),
+    "report": ("orchestrator.cli.report", "fit scaling laws, plot and write a study's report (or a published table's)"),
+    "schema": ("orchestrator.cli.schema", "print the study spec's JSON Schema (for editor completion)"),
 }
 
 EXIT_USAGE = 2
@@ -51,6 +54,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    configure_process_env()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), "")
     parser = build_parser(command if command in SUBCOMMANDS else "")
