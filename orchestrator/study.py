@@ -22,6 +22,7 @@ from typing import Any
 
 from analysis.schema import AXIS_PARAM_PREFIX, EXTRA_TRIAL_PARAMS, FID, LOSS, TRIAL_PARAMS
 from dit.errors import ConfigError
+from dit.files import atomic_write_json
 from orchestrator.layout import (  # noqa: F401 -- OUTCOME_FILE, STATE_FILE, StudyPaths: re-exported
     METRICS_FILE,
     OUTCOME_FILE,
@@ -84,10 +85,8 @@ def _claim_folder(paths: StudyPaths, spec: StudySpec, spec_path: Path, resume: b
         raise ConfigError(f"nothing to resume: {paths.root} holds no study; use `ditscale run`")
     paths.trials.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(spec_path, paths.spec_copy)
-    tmp = state_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"name": spec.name, "spec_sha256": digest, "spec_file": str(spec_path),
-                               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
-    tmp.replace(state_file)
+    atomic_write_json(state_file, {"name": spec.name, "spec_sha256": digest, "spec_file": str(spec_path),
+                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return False
 
 
@@ -190,11 +189,8 @@ def _trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
 
 
 def _write_outcome(path: Path, outcome: TrialOutcome, run_id: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"status": outcome.status, "reason": outcome.reason,
-                               "step": outcome.last_step, "checkpoint": outcome.checkpoint,
-                               "mlflow_run_id": run_id}, indent=2))
-    tmp.replace(path)
+    atomic_write_json(path, {"status": outcome.status, "reason": outcome.reason, "step": outcome.last_step,
+                             "checkpoint": outcome.checkpoint, "mlflow_run_id": run_id})
 
 
 # --------------------------------------------------------------------------------------------
