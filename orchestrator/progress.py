@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from analysis.schema import FID, IMAGES_PER_S, LOSS
-from orchestrator.layout import CANCEL_FILE, OUTCOME_FILE, last_metrics  # noqa: F401 -- re-exported
+from orchestrator.layout import CANCEL_FILE, OUTCOME_FILE, last_metrics
 
 
 def eta_seconds(metrics: dict[str, Any], steps: int, global_batch: int) -> float | None:

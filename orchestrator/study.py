@@ -23,12 +23,11 @@ from typing import Any
 from analysis.schema import AXIS_PARAM_PREFIX, EXTRA_TRIAL_PARAMS, FID, LOSS, TRIAL_PARAMS
 from dit.errors import ConfigError
 from dit.files import atomic_write_json
-from orchestrator.layout import (  # noqa: F401 -- OUTCOME_FILE, STATE_FILE, StudyPaths: re-exported
+from orchestrator.layout import (
     METRICS_FILE,
     OUTCOME_FILE,
     RUN_ID_FILE,
     SAMPLES_DIR,
-    STATE_FILE,
     StudyPaths,
     last_metrics,
     read_metrics,
@@ -37,7 +36,7 @@ from orchestrator.prepare import prepare_builtin
 from orchestrator.progress import ProgressPrinter, eta_seconds, make_cancel_stopper, request_cancel
 from orchestrator.ray_env import configure_process_env
 from orchestrator.spec import Cell, StudySpec, load_spec, order_by_cost
-from orchestrator.tracking import (  # noqa: F401 -- SampleGridSink, backfill: re-exported
+from orchestrator.tracking import (
     MLflowSink,
     SampleGridSink,
     StudyTracker,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
 from analysis import store
-from analysis.schema import (  # noqa: F401 -- TRIAL_PARAMS is re-exported: users script against it
+from analysis.schema import (
     CELLS_ARTIFACT,
     FID,
     KIND_STUDY,
@@ -37,10 +37,9 @@ from analysis.schema import (  # noqa: F401 -- TRIAL_PARAMS is re-exported: user
     TAG_STUDY,
     TAG_TRIAL,
     TAG_VERSION_PREFIX,
-    TRIAL_PARAMS,
 )
 from dit.errors import ConfigError
-from orchestrator.layout import MLFLOW_DB, RUN_ID_FILE  # noqa: F401 -- RUN_ID_FILE: the old home
+from orchestrator.layout import MLFLOW_DB
 
 T = TypeVar("T")
 
@@ -74,7 +73,6 @@ def retry(fn: Callable[[], T], *, attempts: int = 8, first_wait: float = 0.5, wh
     raise AssertionError("unreachable")
 
 
-_retry = retry  # the old private name
 
 
 def _transient(err: Exception) -> bool:

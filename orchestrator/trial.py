@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 from analysis.schema import FAILURE_LOSS, NONFINITE
 from orchestrator import ray_env
 from orchestrator.layout import METRICS_FILE, SAMPLES_DIR, read_metrics
-from orchestrator.spec.trial import TrialConfig, format_validation_error, load_trial_config  # noqa: F401 (re-exported)
+from orchestrator.spec.trial import TrialConfig
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 REPORT_POLL_S = "0.2"  # seconds between a controller's polls of its workers (see train_env)

@@ -529,7 +529,7 @@ def test_train_saves_a_grid_per_evaluation_and_the_sink_logs_them(digits8, tmp_p
     from mlflow.tracking import MlflowClient
 
     from dit.train import train
-    from orchestrator.study import SampleGridSink
+    from orchestrator.tracking import SampleGridSink
 
     ev = dict(enabled=True, every=2, num_samples=32, batch_size=16, sampler="ddim", steps=3, features=DIGITS)
     reports = []
@@ -605,9 +605,10 @@ def test_trial_with_eval_logs_sample_grids_to_its_mlflow_run(digits8, tmp_path):
     import ray
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.study import SampleGridSink
+    from orchestrator.tracking import SampleGridSink
     from orchestrator.tracking import MLflowSink, StudyTracker
-    from orchestrator.trial import TrialConfig, run_trial
+    from orchestrator.spec.trial import TrialConfig
+    from orchestrator.trial import run_trial
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = StudyTracker(uri, "grids", None, tmp_path / "mlartifacts")

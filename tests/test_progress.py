@@ -2,7 +2,8 @@ import io
 import json
 from types import SimpleNamespace
 
-from orchestrator.progress import ProgressPrinter, eta_seconds, format_eta, last_metrics
+from orchestrator.layout import last_metrics
+from orchestrator.progress import ProgressPrinter, eta_seconds, format_eta
 
 
 def test_progress_lines_for_running_trials_only(tmp_path):

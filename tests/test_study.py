@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main as cli
-from orchestrator.tracking import TAG_KIND, TAG_PARENT, TAG_STUDY, TAG_TRIAL
+from analysis.schema import TAG_KIND, TAG_PARENT, TAG_STUDY, TAG_TRIAL
 
 TRIAL_PARAMS = {"model", "patch_size", "depth", "hidden_size", "num_heads", "block", "image_size", "gflops",
                 "params", "global_batch", "lr", "steps", "zero_stage", "precision"}

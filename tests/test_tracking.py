@@ -5,10 +5,8 @@ import time
 import pytest
 
 from dit.errors import ConfigError
-from orchestrator.tracking import (
-    TAG_PARENT, TAG_STUDY, TAG_TRIAL, MLflowSink, StudyTracker, check_reachable, client,
-    resolve_tracking_uri,
-)
+from analysis.schema import TAG_PARENT, TAG_STUDY, TAG_TRIAL
+from orchestrator.tracking import MLflowSink, StudyTracker, check_reachable, client, resolve_tracking_uri
 
 
 def test_tracking_uri_precedence(tmp_path, monkeypatch):

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from faults.injectors import KillAt, PoisonAt
-from orchestrator.trial import TrialConfig, load_trial_config, run_trial
+from orchestrator.spec.trial import TrialConfig, load_trial_config
+from orchestrator.trial import run_trial
 
 TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4, "patch_size": 2}
 

@@ -126,7 +126,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
 
     from dit.evaluate import EvalConfig, Evaluator, eval_tags
     from dit.latents import Manifest
-    from orchestrator.trial import format_validation_error
+    from orchestrator.spec.trial import format_validation_error
 
     cell = None
     if args.spec:

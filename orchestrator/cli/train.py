@@ -14,7 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from analysis.schema import LOSS
-    from orchestrator.trial import load_trial_config, run_trial
+    from orchestrator.spec.trial import load_trial_config
+    from orchestrator.trial import run_trial
 
     cfg = load_trial_config(args.config, storage=args.storage, workers=args.workers)
     outcome = run_trial(cfg, address=args.address)

@@ -12,8 +12,10 @@ from mlflow.tracking import MlflowClient
 
 from faults.injectors import KillAt
 from orchestrator.study import run_study
-from orchestrator.tracking import TAG_KIND, TAG_REASON, TAG_TRIAL, MLflowSink, StudyTracker
-from orchestrator.trial import TrialConfig, run_trial
+from analysis.schema import TAG_KIND, TAG_REASON, TAG_TRIAL
+from orchestrator.tracking import MLflowSink, StudyTracker
+from orchestrator.spec.trial import TrialConfig
+from orchestrator.trial import run_trial
 
 TINY = {"name": "tiny", "depth": 2, "hidden_size": 64, "num_heads": 4}
 pytestmark = pytest.mark.slow
