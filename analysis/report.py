@@ -3,7 +3,9 @@
 ``build_report`` writes ``report.html`` (self-contained: plots embedded as base64 PNG) or
 ``report.md`` (plots beside it under ``plots/``) into a folder; ``log_report`` sends the
 written files to the study's parent MLflow run under ``report/``; ``write_study_report`` is
-what ``ditscale run`` calls at the end (``<study folder>/report/report.html``).
+what ``ditscale run`` calls at the end (``<study folder>/report/report.html``). The report is
+written atomically (a reader, or a crash, never finds it half-written) and shows the tracking
+URI without its password. With a tracking server it is logged to the server's artifact store.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pandas as pd
 from analysis import store
 from analysis.runs import StudyData
 from analysis.schema import FID, REPORT_ARTIFACT_DIR, REPORT_DIR
+from dit.files import atomic_write_text
 
 ARTIFACT_DIR = REPORT_ARTIFACT_DIR
 
@@ -163,7 +166,7 @@ def _spec_summary(data: StudyData) -> list[tuple[str, str]]:
     if data.source == "published":
         items.append(("source", "published table"))
     else:
-        items += [("tracking store", str(data.tracking_uri)), ("parent run", str(data.parent_run_id)),
+        items += [("tracking store", store.redact_uri(str(data.tracking_uri))), ("parent run", str(data.parent_run_id)),
                   ("study run status", str(data.parent_status).lower())]
     items.append(("cells", str(len(t))))
     if len(t):
@@ -182,7 +185,8 @@ def _spec_summary(data: StudyData) -> list[tuple[str, str]]:
 def _spec_json(data: StudyData) -> str | None:
     if not data.spec:
         return None
-    return json.dumps(data.spec, indent=2, sort_keys=True, default=str)
+    # Specs logged before ditscale redacted them may still hold a password in a URI.
+    return json.dumps(store.redact_json(data.spec), indent=2, sort_keys=True, default=str)
 
 
 # ------------------------------------------------------------------------------------------
@@ -317,7 +321,8 @@ def build_report(
     else:
         text = _render_md(data, analyses, plots, ref_plots, notes, out)
         path = out / "report.md"
-    path.write_text(text, encoding="utf-8")
+    # Atomic: a failed write (disk full) keeps the previous report whole instead of truncating it.
+    atomic_write_text(path, text)
     files = [path] + [p for ps in (plots, ref_plots) if ps for paths in ps.paths.values() for p in paths]
     return Report(path=path, files=files, analyses=analyses, notes=notes)
 
@@ -444,5 +449,5 @@ def write_study_report(result, *, fmt: str = "html", log: bool = True, n_boot: i
             log_report(report, data)
         except Exception as err:  # noqa: BLE001 -- the study's results matter more than the upload
             print(f"warning: the report was written to {report.path} but could not be logged to MLflow "
-                  f"({type(err).__name__}: {err})", file=sys.stderr)
+                  f"({type(err).__name__}: {store.redact_uri(str(err))})", file=sys.stderr)
     return report.path

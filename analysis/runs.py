@@ -214,7 +214,7 @@ def find_study_run(client, study: str):
             return runs[0]
     known = list_studies(client)
     hint = f"; studies in this store: {', '.join(known)}" if known else "; this store holds no ditscale study"
-    raise ConfigError(f"no study named {study!r} (nor a study run with that id) in {client.tracking_uri}{hint}")
+    raise ConfigError(f"no study named {study!r} (nor a study run with that id) in {store.redact_uri(client.tracking_uri)}{hint}")
 
 
 def list_studies(client) -> list[str]:

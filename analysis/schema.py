@@ -62,6 +62,9 @@ COMPUTE_METRIC = "train/compute_gflops"  # training compute so far, from the ima
 IMAGES_PER_S = "train/images_per_s"
 NONFINITE = "failure/nonfinite_loss"  # 1.0 on the step a trial's loss went non-finite
 FAILURE_LOSS = "failure/loss"  # the non-finite value itself
+DATA_LOST = "failure/data_lost"  # 1.0 on the step a trial found every shard of its data unreadable
+SKIPPED_SAMPLES = "data/skipped_samples"  # samples replaced by readable ones so far (all ranks)
+BAD_SHARDS = "data/bad_shards"  # distinct damaged shards seen so far (all ranks)
 
 # ------------------------------------------------------------------------------------------
 # Artifacts

@@ -2,7 +2,8 @@
 
 Study folder (``<storage>/<study name>/``)::
 
-    study.json            spec hash and file, written when the study is created
+    study.json            the study's identity (what decides its results) and spec file
+    driver.lock           held (flock) by the one driver running the study; names it (host, pid)
     spec.yaml             a copy of the spec the study was created from
     CANCEL                written by ``ditscale cancel``; the running driver stops its trials
     mlflow.db, mlartifacts/   the default tracking store (sqlite) and its artifacts
@@ -13,7 +14,7 @@ Study folder (``<storage>/<study name>/``)::
 
 ``metrics.jsonl`` holds one JSON object per completed step, appended by the trial's controller
 (``orchestrator.trial.MetricLog``) and read while it grows (progress lines, ``ditscale status``):
-:func:`read_metrics` is its one reader.
+:func:`read_metrics` is its one reader and :func:`repair_metrics` the one fix of a torn tail.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from analysis.schema import STUDY_DB_FILE
+from dit.errors import ConfigError
+from dit.files import atomic_write_text
 
 STATE_FILE = "study.json"
+LOCK_FILE = "driver.lock"
 SPEC_COPY = "spec.yaml"
 CANCEL_FILE = "CANCEL"
 MLFLOW_DB = STUDY_DB_FILE
@@ -54,6 +58,10 @@ class StudyPaths:
         return self.root / STATE_FILE
 
     @property
+    def lock(self) -> Path:
+        return self.root / LOCK_FILE
+
+    @property
     def spec_copy(self) -> Path:
         return self.root / SPEC_COPY
 
@@ -73,15 +81,21 @@ class StudyPaths:
 
     def outcome(self, cell: str) -> dict[str, Any] | None:
         path = self.trial(cell) / OUTCOME_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ConfigError(f"{path} is not valid JSON; delete it to run that cell again") from None
 
 
 def read_metrics(path: str | Path, *, tail: bool = False) -> list[dict[str, Any]]:
     """The rows of a metric log (``metrics.jsonl``), oldest first; ``[]`` when there is none.
 
-    A last line that is not valid JSON yet is a row being written right now and is left out;
-    a bad line anywhere else raises ``json.JSONDecodeError``. ``tail=True`` reads only the end
-    of the file (the latest rows, for a log that may be long and still growing).
+    Lines that are not a JSON object are left out wherever they are: the last one may be a row
+    being written right now, or one torn by a crash or a full disk; a study must still finish
+    and ``status`` must still print. ``tail=True`` reads only the end of the file (the latest
+    rows, for a log that may be long and still growing).
     """
     path = Path(path)
     if not path.is_file():
@@ -92,16 +106,35 @@ def read_metrics(path: str | Path, *, tail: bool = False) -> list[dict[str, Any]
             f.seek(0, 2)
             start = max(0, f.tell() - _TAIL_BYTES)
             f.seek(start)
-        lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+        lines = f.read().decode(errors="replace").splitlines()
     if start > 0:
         lines = lines[1:]  # the read began inside a row
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise
+    return [row for row in map(_row, lines) if row is not None]
+
+
+def _row(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
+
+
+def repair_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Read a metric log its writer is about to append to, dropping what a crash left behind.
+
+    A torn last line (no newline) would otherwise glue the next row onto it, and a garbled
+    line is unreadable anyway: the file is rewritten (atomically) with only its good rows.
+    Only the log's single writer may call this (the trial's controller, under the driver lock).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    rows = read_metrics(path)
+    good = "".join(json.dumps(r) + "\n" for r in rows)
+    if raw.decode(errors="replace") != good:
+        atomic_write_text(path, good)
     return rows
 
 

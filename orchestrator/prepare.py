@@ -48,8 +48,7 @@ def encode_on_ray(job: Any, *, address: str | None = None, num_cpus: int | None 
 
     ``num_cpus``: CPUs of the local Ray instance, or at most that many CPU actors on a cluster.
     """
-    started = ensure_ray(address, num_cpus, log_to_driver=True, node_ip_address="127.0.0.1",
-                         logging_level="WARNING")
+    started = ensure_ray(address, num_cpus, log_to_driver=True, logging_level="WARNING")
     import ray
 
     try:

@@ -26,6 +26,16 @@ def eta_seconds(metrics: dict[str, Any], steps: int, global_batch: int) -> float
     return max(0, steps - int(metrics.get("step", 0))) * global_batch / rate
 
 
+def format_flops(gflops: float) -> str:
+    """Gflops in readable units at every scale: 0.000412 -> '412 Kflops', 118.6 -> '119 Gflops'."""
+    value = gflops * 1e9
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(value) < 999.5 or unit == "T":
+            return f"{value:.3g} {unit}flops"
+        value /= 1e3
+    raise AssertionError("unreachable")
+
+
 def format_eta(seconds: float | None) -> str:
     if seconds is None:
         return "?"

@@ -11,18 +11,19 @@ was cut off mid-training resumes from its last checkpoint and keeps its MLflow r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from analysis.schema import AXIS_PARAM_PREFIX, EXTRA_TRIAL_PARAMS, FID, LOSS, TRIAL_PARAMS
+from analysis.store import redact_uri
 from dit.errors import ConfigError
-from dit.files import atomic_write_json
+from dit.files import atomic_write_json, atomic_write_text
 from orchestrator.layout import (
     METRICS_FILE,
     OUTCOME_FILE,
@@ -32,9 +33,9 @@ from orchestrator.layout import (
     last_metrics,
     read_metrics,
 )
+from orchestrator.lock import study_lock
 from orchestrator.prepare import prepare_builtin
 from orchestrator.progress import ProgressPrinter, eta_seconds, make_cancel_stopper, request_cancel
-from orchestrator.ray_env import configure_process_env
 from orchestrator.spec import Cell, StudySpec, load_spec, order_by_cost
 from orchestrator.tracking import (
     MLflowSink,
@@ -61,32 +62,76 @@ def study_paths(spec: StudySpec, storage: str | None) -> StudyPaths:
     return StudyPaths(root.resolve() / spec.name)
 
 
-def _spec_hash(spec: StudySpec) -> str:
-    return hashlib.sha256(json.dumps(spec.resolved(), sort_keys=True, default=str).encode()).hexdigest()
+# The spec sections that decide a study's results. Not in it: where things are (the spec
+# file's path, storage, the manifest's absolute path), what was measured or derived when it
+# was loaded (data existence, costs), tracking, resources and the cost model, so a finished
+# study resumes as a no-op after the checkout moves, and on another cluster.
+IDENTITY_SECTIONS = ("data", "grid", "recipe", "eval")
 
 
-def _claim_folder(paths: StudyPaths, spec: StudySpec, spec_path: Path, resume: bool) -> bool:
-    """Create the study folder, or check that an existing one belongs to this spec.
+def study_identity(spec: StudySpec) -> dict[str, Any]:
+    """The spec's result-deciding sections, as written (JSON-able)."""
+    dumped = spec.model_dump(mode="json")
+    dumped["grid"].pop("max_cells", None)  # a guard against typos, not part of the study
+    return {"name": spec.name, **{k: dumped[k] for k in IDENTITY_SECTIONS}}
 
-    Returns True when the study already existed (we are resuming).
-    """
-    state_file = paths.state
-    digest = _spec_hash(spec)
-    if state_file.is_file():
-        state = json.loads(state_file.read_text())
-        if state.get("spec_sha256") != digest:
+
+def _changed_fields(old: Any, new: Any, where: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two identities."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _changed_fields(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))
+        return out
+    return [] if old == new else [where or "(the whole spec)"]
+
+
+def _read_state(paths: StudyPaths) -> dict[str, Any]:
+    try:
+        state = json.loads(paths.state.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        state = None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{paths.state} is not a study record (not a JSON object); move the folder aside "
+                          "or delete it to start the study again")
+    return state
+
+
+def _recorded_identity(paths: StudyPaths, state: dict[str, Any]) -> dict[str, Any] | None:
+    """The identity a study folder was created with; folders from before study.json kept it
+    are read from their spec copy."""
+    if isinstance(state.get("identity"), dict):
+        return state["identity"]
+    try:
+        raw = yaml.safe_load(paths.spec_copy.read_text())
+        return study_identity(StudySpec.model_validate(raw))
+    except Exception:  # an unreadable old copy: treated as a different spec, refused below
+        return None
+
+
+def _check_identity(paths: StudyPaths, spec: StudySpec, resume: bool) -> bool:
+    """True when the folder already holds this study (we continue it); a ConfigError naming
+    the changed fields when it holds another spec; False for a new study."""
+    if paths.state.is_file():
+        recorded = _recorded_identity(paths, _read_state(paths))
+        changed = _changed_fields(recorded, study_identity(spec)) if recorded is not None else ["(unreadable record)"]
+        if changed:
             raise ConfigError(
-                f"study folder {paths.root} holds study {spec.name!r} with a different spec "
-                f"({state.get('spec_file')}); rename the study, change --storage, or delete the folder"
+                f"study folder {paths.root} holds study {spec.name!r} with a different spec: "
+                f"{', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''} changed; undo the change, "
+                "rename the study, change --storage, or delete the folder"
             )
         return True
     if resume:
         raise ConfigError(f"nothing to resume: {paths.root} holds no study; use `ditscale run`")
-    paths.trials.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(spec_path, paths.spec_copy)
-    atomic_write_json(state_file, {"name": spec.name, "spec_sha256": digest, "spec_file": str(spec_path),
-                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return False
+
+
+def _create_folder(paths: StudyPaths, spec: StudySpec, spec_path: Path) -> None:
+    paths.trials.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(paths.spec_copy, redact_uri(spec_path.read_text()))  # no tracking password on disk
+    atomic_write_json(paths.state, {"name": spec.name, "identity": study_identity(spec), "spec_file": str(spec_path),
+                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def cell_params(cell: Cell) -> dict[str, Any]:
@@ -126,6 +171,37 @@ def cells_table(cells: list[Cell]) -> list[dict[str, Any]]:
     ]
 
 
+def _node_slots(cell: Cell, node: dict[str, float]) -> int:
+    """How many of the cell's workers one node can hold at once."""
+    asks = {r: n for r, n in cell.worker_bundle().items() if n > 0}
+    return int(min((node.get(r, 0) // n for r, n in asks.items()), default=10**6))
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def check_cells_fit(cells: list[Cell], nodes: list[dict[str, float]] | None = None) -> None:
+    """Refuse, before anything starts, a cell whose worker group no node mix can hold.
+
+    A worker (its cpus/gpus per worker) must fit on one node, and the cell's workers on the
+    nodes together; otherwise Ray would keep the trial pending forever. Measured against the
+    nodes alive now (an autoscaling cluster that would add nodes later is not foreseen).
+    """
+    nodes = _alive_nodes() if nodes is None else nodes
+    total = {r: sum(n.get(r, 0) for n in nodes) for r in ("CPU", "GPU")}
+    for c in cells:
+        if sum(_node_slots(c, n) for n in nodes) < c.workers:
+            need = f"{c.workers} worker(s) x {c.cpus_per_worker} CPU" + (
+                f" + {c.gpus_per_worker} GPU" if c.use_gpu else "")
+            raise ConfigError(
+                f"cell {c.name}: {need} do not fit the cluster ({len(nodes)} node(s), {total}); lower "
+                "resources.workers / cpus_per_worker / gpus_per_worker for it (resources.by_size), or add nodes"
+            )
+
+
 def max_concurrent(cells: list[Cell], override: int | None) -> int:
     """How many trials may wait on or hold workers at once.
 
@@ -135,20 +211,8 @@ def max_concurrent(cells: list[Cell], override: int | None) -> int:
     """
     if override:
         return override
-    import ray
-
-    total = ray.cluster_resources()
-    fits = []
-    for c in cells:
-        k = total.get("CPU", 0) // (c.workers * c.cpus_per_worker) if c.cpus_per_worker else len(cells)
-        if c.use_gpu:
-            k = min(k, total.get("GPU", 0) // (c.workers * c.gpus_per_worker))
-        fits.append(int(k))
-    if max(fits) < 1:
-        raise ConfigError(
-            f"the cluster ({ {r: total.get(r, 0) for r in ('CPU', 'GPU')} }) cannot fit any cell; "
-            "lower resources.workers / cpus_per_worker / gpus_per_worker or add nodes"
-        )
+    nodes = _alive_nodes()
+    fits = [sum(_node_slots(c, n) for n in nodes) // c.workers for c in cells]
     return max(1, min(max(fits), len(cells)))
 
 
@@ -167,27 +231,38 @@ def _trial_fn(config: dict[str, Any], context: dict[str, Any]) -> None:
     if done is not None and done["status"] != RETRY:  # ended before a restart: never rerun
         tune.report({"status": done["status"], "step": done["step"]})
         return
-    tracker = StudyTracker(context["uri"], context["study"], context["experiment"], None)
-    run_id = tracker.trial_run(
-        cell.name, cell_params(cell), cell_tags(cell),
-        paths.trial(cell.name) / RUN_ID_FILE,
-    )
-    sink = MLflowSink(context["uri"], run_id)
-    grids = SampleGridSink(context["uri"], run_id, paths.trial(cell.name) / SAMPLES_DIR)
-    outcome = run_trial(
-        cell.trial_config(str(paths.trials)),
-        sinks=[sink, grids],
-        gflops=cell.gflops,
-        callbacks=[TuneReportCallback()],
-    )
-    backfill(sink, outcome.metrics)
-    grids.sweep()
-    tracker.finish_trial(run_id, outcome.status, outcome.reason)
-    _write_outcome(paths.trial(cell.name) / OUTCOME_FILE, outcome, run_id)
+    trial_folder = paths.trial(cell.name)
+    run_id: str | None = None
+    try:
+        tracker = StudyTracker(context["uri"], context["study"], context["experiment"], None)
+        run_id = tracker.trial_run(cell.name, cell_params(cell), cell_tags(cell), trial_folder / RUN_ID_FILE)
+        outcome = _fit_cell(cell, paths, context["uri"], run_id, TuneReportCallback())
+    except Exception as err:  # not the workers' failure (that is TrainingFailedError, in run_trial)
+        # A bad input is final; anything else may pass (a tracking server down): `resume` retries it.
+        status = "failed" if isinstance(err, ConfigError) else RETRY
+        outcome = TrialOutcome(cell.name, status, redact_uri(f"{type(err).__name__}: {err}")[:2000],
+                               read_metrics(trial_folder / METRICS_FILE), None)
+    if run_id is not None:
+        try:
+            tracker.finish_trial(run_id, outcome.status, outcome.reason)
+        except Exception as err:  # the result stands; only its MLflow status is behind
+            outcome.reason = f"{outcome.reason or ''} (MLflow run left open: {type(err).__name__}: {err})".strip()
+    _write_outcome(trial_folder / OUTCOME_FILE, outcome, run_id)
     tune.report({"status": outcome.status, "step": outcome.last_step})
 
 
-def _write_outcome(path: Path, outcome: TrialOutcome, run_id: str) -> None:
+def _fit_cell(cell: Cell, paths: StudyPaths, uri: str, run_id: str, tune_callback: Any) -> TrialOutcome:
+    """Train the cell, its metrics and sample grids into its MLflow run."""
+    sink = MLflowSink(uri, run_id)
+    grids = SampleGridSink(uri, run_id, paths.trial(cell.name) / SAMPLES_DIR)
+    outcome = run_trial(cell.trial_config(str(paths.trials)), sinks=[sink, grids], gflops=cell.gflops,
+                        callbacks=[tune_callback])
+    backfill(sink, outcome.metrics)
+    grids.sweep()
+    return outcome
+
+
+def _write_outcome(path: Path, outcome: TrialOutcome, run_id: str | None) -> None:
     atomic_write_json(path, {"status": outcome.status, "reason": outcome.reason, "step": outcome.last_step,
                              "checkpoint": outcome.checkpoint, "mlflow_run_id": run_id})
 
@@ -205,6 +280,7 @@ class StudyOutcome:
     parent_run_id: str
     outcomes: dict[str, dict[str, Any] | None]
     cancelled: bool = False
+    already_ended: bool = False  # every cell had ended before this run: nothing was started
 
     @property
     def ok(self) -> bool:
@@ -220,18 +296,28 @@ def run_study(
     resume: bool = False,
 ) -> StudyOutcome:
     """Run (or continue) every cell of a study. All validation happens before anything starts."""
-    configure_process_env()  # before Ray is imported (a no-op after the `ditscale` command's own call)
     spec_path = Path(spec_path).resolve()
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, for_run=True)
     cells = order_by_cost(spec.cells())
     _check_data(spec, spec_path, cells)
     paths = study_paths(spec, storage)
     uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri, paths.root)
     check_reachable(uri)
-    existed = _claim_folder(paths, spec, spec_path, resume)
-    paths.cancel.unlink(missing_ok=True)  # running again lifts a cancel
-    ensure_ray(address)
+    with study_lock(paths.lock, spec.name):  # one driver per study, or exit 2 naming the holder
+        existed = _check_identity(paths, spec, resume)
+        pending = [c for c in cells if (paths.outcome(c.name) or {}).get("status") in (None, RETRY)]
+        if pending:
+            ensure_ray(address)
+            check_cells_fit(pending)  # before the folder or MLflow get anything
+        if not existed:
+            _create_folder(paths, spec, spec_path)
+        return _drive(spec, spec_path, cells, pending, paths, uri, existed)
 
+
+def _drive(spec: StudySpec, spec_path: Path, cells: list[Cell], pending: list[Cell], paths: StudyPaths,
+           uri: str, existed: bool) -> StudyOutcome:
+    """Run the cells that have not ended, under the driver lock."""
+    paths.cancel.unlink(missing_ok=True)  # running again lifts a cancel
     tracker = StudyTracker(uri, spec.name, spec.tracking.experiment, paths.artifacts)
     if not existed:
         tracker.log_study_files(spec_path, spec.resolved(), cells_table(cells))
@@ -239,14 +325,14 @@ def run_study(
         "cells": {c.name: c for c in cells}, "root": str(paths.root), "uri": uri,
         "study": spec.name, "experiment": spec.tracking.experiment or spec.name,
     }
-    pending = [c for c in cells if (paths.outcome(c.name) or {}).get("status") in (None, RETRY)]
     tuner = pending and _tuner(paths, context, pending, spec.resources.max_concurrent_trials)
     with ProgressPrinter(paths.trials, pending):
         if pending:
             tuner.fit()
     outcomes = {c.name: paths.outcome(c.name) for c in cells}
     cancelled = paths.cancel.exists()
-    result = StudyOutcome(spec.name, paths.root, uri, tracker.parent_id, outcomes, cancelled)
+    result = StudyOutcome(spec.name, paths.root, uri, tracker.parent_id, outcomes, cancelled,
+                          already_ended=not pending)
     tracker.finish_study("KILLED" if cancelled else "FINISHED" if result.ok else "FAILED")
     return result
 

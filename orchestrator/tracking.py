@@ -6,6 +6,11 @@ Every write goes through :func:`retry` so a tracking server that is briefly down
 sqlite file delays logging instead of losing it; metrics that still cannot be sent stay
 buffered in the sink and go out with the next batch. The names written (tags, params,
 metrics, artifact paths) are ``analysis.schema``'s; the client is ``analysis.store``'s.
+
+With a tracking server, artifacts (spec, sample grids, report) go to the server's artifact store
+(``mlflow server --serve-artifacts``), so a teammate on another machine sees them; with a store
+opened directly (sqlite, a folder) they stay in the study folder. Whatever is logged or printed
+has its URIs' passwords replaced by ``***`` (``analysis.store.redact_uri``).
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
@@ -39,9 +46,11 @@ from analysis.schema import (
     TAG_VERSION_PREFIX,
 )
 from dit.errors import ConfigError
+from dit.files import atomic_write_text
 from orchestrator.layout import MLFLOW_DB
 
 T = TypeVar("T")
+RUN_ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # what MLflow's stores hand out
 
 
 def resolve_tracking_uri(cli_uri: str | None, spec_uri: str | None, study_dir: Path) -> str:
@@ -89,9 +98,11 @@ def check_reachable(uri: str) -> None:
     try:
         retry(lambda: client(uri).search_experiments(max_results=1), attempts=3, first_wait=1.0)
     except Exception as err:
+        # MLflow's message repeats the URL it called, password included.
+        why = store.redact_uri(str(err).splitlines()[0][:200])
         raise ConfigError(
-            f"MLflow tracking store {uri!r} is not reachable ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}); start the server or pass another --tracking-uri"
+            f"MLflow tracking store {store.redact_uri(uri)!r} is not reachable ({type(err).__name__}: "
+            f"{why}); start the server or pass another --tracking-uri"
         ) from None
 
 
@@ -116,6 +127,15 @@ def versions() -> dict[str, str]:
     return tags
 
 
+def _artifact_location(uri: str, artifact_root: Path | None) -> str | None:
+    """Where a new experiment keeps its artifacts: None (the server's own artifact store) for a
+    tracking server, so what the driver and trial controllers log reaches everyone who reads the
+    server; else the study folder, beside the sqlite file or folder store."""
+    if artifact_root is None or store.is_server(uri):
+        return None
+    return artifact_root.resolve().as_uri()
+
+
 class StudyTracker:
     """The study's experiment and parent run, created once and found again on resume."""
 
@@ -130,9 +150,17 @@ class StudyTracker:
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 raise ConfigError(f"MLflow experiment {name!r} is deleted; restore it or rename the study")
+            self._warn_if_local(name, exp.artifact_location)
             return exp.experiment_id
-        location = artifact_root.resolve().as_uri() if artifact_root else None
+        location = _artifact_location(self.uri, artifact_root)
         return retry(lambda: self.client.create_experiment(name, artifact_location=location))
+
+    def _warn_if_local(self, name: str, location: str) -> None:
+        """An experiment made before artifacts went to the server keeps them on one machine."""
+        if store.is_server(self.uri) and location.startswith("file:"):
+            print(f"warning: MLflow experiment {name!r} keeps its artifacts in {location}, outside the "
+                  "tracking server: other machines will not see them (use a new experiment name to fix)",
+                  file=sys.stderr)
 
     def _find(self, filter_string: str):
         runs = retry(
@@ -152,14 +180,23 @@ class StudyTracker:
         return run.info.run_id
 
     def log_study_files(self, spec_path: Path | None, resolved: dict[str, Any], cells_table: list[dict]) -> None:
+        """The spec as written, the resolved spec and the cell table, on the parent run; URIs in
+        the specs lose their passwords first (``tracking.uri`` may be ``http://user:secret@...``)."""
         if spec_path is not None:
-            retry(lambda: self.client.log_artifact(self.parent_id, str(spec_path), SPEC_ARTIFACT_DIR))
-        retry(lambda: self.client.log_dict(self.parent_id, resolved, RESOLVED_SPEC_ARTIFACT))
+            text = store.redact_uri(Path(spec_path).read_text())
+            name = f"{SPEC_ARTIFACT_DIR}/{Path(spec_path).name}"
+            retry(lambda: self.client.log_text(self.parent_id, text, name))
+        safe = store.redact_json(resolved)
+        retry(lambda: self.client.log_dict(self.parent_id, safe, RESOLVED_SPEC_ARTIFACT))
         retry(lambda: self.client.log_dict(self.parent_id, {"cells": cells_table}, CELLS_ARTIFACT))
 
     def trial_run(self, trial: str, params: dict[str, Any], tags: dict[str, str], id_file: Path | None) -> str:
-        """The child run of a trial: the one recorded in its folder, else found by tag, else new."""
-        run_id = id_file.read_text().strip() if id_file and id_file.is_file() else None
+        """The child run of a trial: the one recorded in its folder, else found by tag, else new.
+
+        A record that is empty, garbled or names a run this store does not have (a crash while
+        it was written, a copied folder) is ignored and rewritten, never fatal.
+        """
+        run_id = self._recorded_run(id_file)
         if run_id is None:
             found = self._find(
                 f"tags.`{TAG_STUDY}` = '{self.study}' and tags.`{TAG_TRIAL}` = '{trial}'"
@@ -175,8 +212,22 @@ class StudyTracker:
             retry(lambda: self.client.update_run(run_id, status="RUNNING"))
         if id_file is not None:
             id_file.parent.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(run_id)
+            atomic_write_text(id_file, run_id)
         return run_id
+
+    def _recorded_run(self, id_file: Path | None) -> str | None:
+        if id_file is None or not id_file.is_file():
+            return None
+        text = id_file.read_bytes().decode(errors="replace").strip()
+        if not RUN_ID_PATTERN.fullmatch(text):
+            return None
+        try:
+            run = retry(lambda: self.client.get_run(text))
+        except Exception as err:  # MLflow answers a missing run with RESOURCE_DOES_NOT_EXIST
+            if "RESOURCE_DOES_NOT_EXIST" in str(err) or "not found" in str(err).lower():
+                return None
+            raise
+        return text if run.info.experiment_id == self.experiment_id else None
 
     def finish_trial(self, run_id: str, status: str, reason: str | None = None) -> None:
         if reason:
@@ -266,7 +317,8 @@ def backfill(sink: MLflowSink, rows: Iterable[dict[str, Any]]) -> None:
         if int(row["step"]) not in logged:
             sink.add(row)
     if not sink.flush(attempts=30):
-        raise RuntimeError(f"MLflow at {sink.uri} stayed unreachable; metrics are kept in metrics.jsonl")
+        raise RuntimeError(f"MLflow at {store.redact_uri(sink.uri)} stayed unreachable; metrics are kept in "
+                           "metrics.jsonl")
 
 
 class SampleGridSink:

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from analysis.schema import FAILURE_LOSS, NONFINITE
+from analysis.schema import DATA_LOST, FAILURE_LOSS, NONFINITE
+from analysis.store import mlflow_env
 from orchestrator import ray_env
-from orchestrator.layout import METRICS_FILE, SAMPLES_DIR, read_metrics
+from orchestrator.layout import METRICS_FILE, SAMPLES_DIR, read_metrics, repair_metrics
 from orchestrator.spec.trial import TrialConfig
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -49,8 +50,12 @@ def train_env() -> dict[str, str]:
     trial that reports every 0.3 s of training then runs at one report per 2 s. Measured on the
     demo's smallest cell: 26 reports took 47 s of a 62 s trial for 5 s of training. Polling every
     0.2 s costs the controller a few cheap RPCs; a value set by the user wins.
+
+    The MLflow credentials and TLS settings of this process (``analysis.store.mlflow_env``) go
+    too: on a cluster the trial controllers that log to MLflow do not inherit our environment.
+    (Ray shows a job's runtime_env in its dashboard: a shared cluster's users can read them.)
     """
-    return {HEALTH_CHECK_ENV: os.environ.get(HEALTH_CHECK_ENV, REPORT_POLL_S)}
+    return {HEALTH_CHECK_ENV: os.environ.get(HEALTH_CHECK_ENV, REPORT_POLL_S), **mlflow_env()}
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -58,6 +63,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train import Checkpoint
 
+    from dit.latents import NoReadableShardsError
     from dit.train import NonFiniteLoss, TrainConfig, train
 
     cfg = TrainConfig.model_validate(config["train"])
@@ -90,6 +96,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
         # Deterministic: a restart would diverge again. End the run (every rank raised at the
         # same step, all-reduced loss) and let the driver mark it failed with the reason.
         report({"step": err.step, NONFINITE: 1.0, FAILURE_LOSS: err.value}, None)
+    except NoReadableShardsError as err:
+        # The data is gone (an unmounted volume): restarting the workers cannot bring it back.
+        # End the run now; the driver names the manifest, and `resume` retries once it is back.
+        report({"step": getattr(err, "step", 0), DATA_LOST: 1.0}, None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -99,12 +109,13 @@ class MetricLog:
 
     After a restart from a checkpoint the workers recompute (identically) the steps since
     that checkpoint; reports at or below the high-water step are dropped. The log is a JSONL
-    file in the trial folder, read back on construction so a restarted driver continues it.
+    file in the trial folder, read back on construction so a restarted driver continues it
+    (a tail torn by a crash is cut off first, see ``orchestrator.layout.repair_metrics``).
     """
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path else None
-        self.rows: list[dict[str, float]] = read_metrics(self.path) if self.path else []
+        self.rows: list[dict[str, float]] = repair_metrics(self.path) if self.path else []
 
     @property
     def last_step(self) -> int:
@@ -122,13 +133,15 @@ class MetricLog:
         return True
 
 
-def make_metric_callback(sinks: Sequence[Any]):
-    """A ray.train.UserCallback that hands rank 0's metrics to each sink's ``add``."""
+def make_metric_callback(log: MetricLog, sinks: Sequence[Any] = ()):
+    """A ray.train.UserCallback that hands rank 0's metrics to ``log`` and, for a step the log
+    had not seen (not a replay after a restart), to each sink's ``add``: every sink sees every
+    step at most once."""
     from ray.train import UserCallback
 
     class _Forward(UserCallback):
         def after_report(self, run_context, metrics, checkpoint) -> None:
-            if metrics and metrics[0]:
+            if metrics and metrics[0] and log.add(metrics[0]):
                 for sink in sinks:
                     sink.add(metrics[0])
 
@@ -187,14 +200,17 @@ def run_trial(
         log_path = Path(tempfile.mkdtemp(prefix="ditscale-metrics-")) / METRICS_FILE
     loop_config = {"train": cfg.train.model_dump(), "gflops": gflops, "step_callbacks": list(step_callbacks),
                    "sample_dir": str(local / SAMPLES_DIR) if local and cfg.train.eval.enabled else None}
-    trainer = _trainer(cfg, loop_config, [make_metric_callback([MetricLog(log_path), *sinks]), *callbacks])
+    trainer = _trainer(cfg, loop_config, [make_metric_callback(MetricLog(log_path), sinks), *callbacks])
     try:
         result = trainer.fit()
     except TrainingFailedError as err:
-        rows = MetricLog(log_path).rows
+        rows = read_metrics(log_path)
         return TrialOutcome(cfg.name, "error", _first_line(err), rows, None)
-    rows = MetricLog(log_path).rows  # the controller wrote it; read back its record
+    rows = read_metrics(log_path)  # the controller wrote it; read back its record
     checkpoint = result.checkpoint.path if result.checkpoint else None
+    if rows and DATA_LOST in rows[-1]:
+        reason = f"every shard of {cfg.train.data} is unreadable (deleted, or its volume unmounted)"
+        return TrialOutcome(cfg.name, "error", reason, rows, checkpoint)
     if rows and NONFINITE in rows[-1]:
         reason = f"non-finite loss ({rows[-1].get(FAILURE_LOSS)}) at step {int(rows[-1]['step'])}"
         return TrialOutcome(cfg.name, "failed", reason, rows, checkpoint)
@@ -206,9 +222,7 @@ def _trainer(cfg: TrialConfig, loop_config: dict[str, Any], callbacks: list[Any]
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    resources = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = cfg.gpus_per_worker
+    resources = cfg.worker_bundle()
     return TorchTrainer(
         _worker_loop,
         train_loop_config=loop_config,

@@ -6,10 +6,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import pytest  # noqa: E402
 
-from orchestrator.ray_env import configure_process_env  # noqa: E402
-
-# Any Ray that the tests start binds to loopback only (what the `ditscale` command does first).
-configure_process_env()
+# Any Ray the tests start binds to loopback through orchestrator.ray_env.ensure_ray itself:
+# nothing here sets Ray's environment (tests/test_network.py checks the sockets without it).
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +33,11 @@ def free_port() -> int:
 class MlflowServer:
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend; stop/start keep its data."""
 
-    def __init__(self, root, port=None):
+    def __init__(self, root, port=None, artifacts=None, serve_artifacts=False):
         self.root, self.port, self.proc = root, port or free_port(), None
+        # Where the server keeps the artifacts it proxies (mlflow-artifacts:/ URIs).
+        self.artifacts = artifacts or root / "artifacts"
+        self.serve_artifacts = serve_artifacts
 
     @property
     def uri(self) -> str:
@@ -51,9 +52,12 @@ class MlflowServer:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
-               "--artifacts-destination", str(self.root / "artifacts")]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+               "--artifacts-destination", str(self.artifacts)]
+        if self.serve_artifacts:
+            cmd.append("--serve-artifacts")
+        self.log = self.root / f"mlflow-server-{self.port}.log"
+        with open(self.log, "ab") as log:  # shown when the server does not come up
+            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
@@ -62,7 +66,8 @@ class MlflowServer:
             except OSError:
                 time.sleep(0.3)
         self.stop()
-        raise RuntimeError("mlflow server did not become healthy")
+        raise RuntimeError(f"mlflow server did not become healthy in {timeout:.0f} s; its output:\n"
+                           f"{self.log.read_text(errors='replace')[-6000:]}")
 
     def stop(self) -> None:
         import signal
@@ -76,5 +81,16 @@ class MlflowServer:
 @pytest.fixture
 def mlflow_server(tmp_path):
     server = MlflowServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlflow_artifact_server(tmp_path):
+    """A real `mlflow server --serve-artifacts`, its artifacts in ``tmp_path/served`` (``.artifacts``)
+    apart from anything a client writes on its side."""
+    server = MlflowServer(tmp_path / "server", artifacts=tmp_path / "served", serve_artifacts=True)
+    server.root.mkdir()
+    server.start()
     yield server
     server.stop()

@@ -3,11 +3,15 @@ refusals, and the deterministic, resumable, damage-tolerant stream."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import re
+import resource
 import shutil
+import signal
 import tarfile
 import warnings
 
@@ -16,6 +20,7 @@ import pytest
 import torch
 
 from dit.errors import ConfigError
+from dit.files import temp_path
 from dit.latents import (
     MANIFEST_NAME,
     ArraySource,
@@ -30,6 +35,7 @@ from dit.latents import (
     make_digits,
     write_shards,
 )
+from dit.latents.manifest import NoReadableShardsError
 from dit.vae import IdentityCodec, VAECodec, load_codec
 from orchestrator import cli
 
@@ -65,6 +71,25 @@ def digits_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits") / "d16"
     write_shards(make_digits(16), IdentityCodec(), out, shard_size=256)
     return str(out)
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail with TimeoutError instead of hanging (a stream that spins forever)."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def temps_in(folder) -> list[str]:
+    return [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if ".tmp-" in f]
 
 
 def indexed_source(n: int, size: int = 2) -> ArraySource:
@@ -217,6 +242,40 @@ def test_interrupted_prepare_resumes_without_duplicates(tmp_path, monkeypatch):
     assert m2.to_json() == m.to_json()
     keys = [k for u in m2.shard_urls() for k in tar_keys(u)]
     assert len(keys) == len(set(keys)) == 1797
+
+
+def test_failed_manifest_write_is_clear_and_leaves_no_temp(tmp_path):
+    out = tmp_path / "out"
+    job = begin_prepare(make_digits(8), IdentityCodec(), out, shard_size=600)
+    job.run_local(IdentityCodec())
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (512, old[1]))  # the manifest (a few KiB) cannot be written
+    try:
+        with pytest.raises(ConfigError, match=r"manifest.json: cannot write the manifest .*The shards are kept"):
+            job.finish()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert not os.path.exists(out / MANIFEST_NAME) and temps_in(out) == []
+    assert job.finish().num_samples == 1797  # the rerun writes just the manifest
+
+
+def test_leftover_temps_of_a_crashed_run_are_swept_and_never_read(tmp_path):
+    out = tmp_path / "out"
+    first = write_shards(make_digits(8), IdentityCodec(), out, shard_size=600)
+    os.makedirs(out / "features")
+    # what a writer killed mid-rename leaves, named as dit.files names its temporary files
+    for target in ("shard-000001.tar", MANIFEST_NAME, ".prepare/shard-000001.json", ".prepare/config.json",
+                   "features/digits_classifier.pt"):
+        with open(temp_path(out / target), "wb") as f:
+            f.write(b"left by a killed writer")
+    assert len(temps_in(out)) == 5
+    batches = list(LatentStream(str(out), 64, epoch_length=29))  # the stream reads the manifest's names only
+    assert len(batches) == 29
+    again = write_shards(make_digits(8), IdentityCodec(), out, shard_size=600)
+    assert again.to_json() == first.to_json()
+    assert temps_in(out) == []
 
 
 def test_shard_size_in_bytes(tmp_path):
@@ -465,6 +524,25 @@ def test_missing_shard_and_garbage_shard(digits_dir, tmp_path):
     assert stream.skipped == 512 and stream.bad_shards == {"shard-000000.tar", "shard-000003.tar"}
     assert stream.stats()["skipped"] == 512  # (the warnings were raised in the worker processes)
     del caught
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_vanished_data_raises_naming_the_manifest(digits_dir, tmp_path, workers):
+    m = damaged_copy(digits_dir, tmp_path)
+    urls = m.shard_urls()
+    n = len(urls)
+    for u in urls[1:]:  # one shard left: damaged data, not vanished, the stream goes on
+        os.remove(u)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ShardWarning)
+        stream = LatentStream(m.url, 64, epoch_length=40, num_workers=workers)  # more than a pass
+        batches = list(stream)
+        assert len(batches) > 8 and all(x.shape[0] == 64 for x, _ in batches) and len(stream.bad_shards) == n - 1
+        os.remove(urls[0])  # ... and then the volume is gone: an endless stream must not spin
+        with deadline(60), pytest.raises(NoReadableShardsError, match=re.escape(
+                f"manifest {m.url}: all {n} of its {n} shards are unreadable")) as err:
+            next(iter(LatentStream(m.url, 64, num_workers=workers)))
+    assert str(err.value).startswith("manifest ")  # not buried under a DataLoader's traceback
 
 
 def test_pipe_urls_refused_unless_allowed(digits_dir, tmp_path):

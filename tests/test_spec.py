@@ -221,6 +221,14 @@ def test_resources_by_size():
     assert t.train == wide.train
 
 
+def test_worker_bundle_is_what_one_worker_asks_ray_for():
+    s = spec(resources={"cpus_per_worker": 2, "by_size": {"wide": {"use_gpu": True, "gpus_per_worker": 0.5}}})
+    tiny, wide = s.cells()[0], s.cells()[2]
+    assert tiny.worker_bundle() == {"CPU": 2.0}
+    assert wide.worker_bundle() == {"CPU": 2.0, "GPU": 0.5}
+    assert wide.trial_config("runs").worker_bundle() == wide.worker_bundle()  # TrialConfig: the same declaration
+
+
 def test_order_by_cost_longest_first_and_stable():
     s = spec(resources={"by_size": {"wide": {"workers": 8}}})
     ordered = order_by_cost(s.cells())
@@ -272,6 +280,21 @@ def test_order_by_cost_longest_first_and_stable():
     ({"name": "my study"}, "s.yaml: name: String should match pattern"),
     ({"eval__sampler": "euler"}, "s.yaml: eval.sampler: Input should be 'ddpm' or 'ddim'"),
     ({"cost__gpu_hour_tflops": 0}, "s.yaml: cost.gpu_hour_tflops: Input should be greater than 0"),
+    # Absurd values are refused by the schema, not by torch (or an endless build) when Gflops are measured.
+    ({"grid__size": [{"name": "deep", "depth": 10**6, "hidden_size": 32, "num_heads": 2}]},
+     "s.yaml: grid.size[0].depth: Input should be less than or equal to 1024"),
+    ({"grid__size": [{"name": "wide", "depth": 1, "hidden_size": 2**40, "num_heads": 2}]},
+     "s.yaml: grid.size[0].hidden_size: Input should be less than or equal to 65536"),
+    ({"data__num_classes": 10**18}, "s.yaml: data.num_classes: Input should be less than or equal to 1000000"),
+    ({"data__latent": {"channels": 10**18, "size": 8, "vae_factor": 1}},
+     "s.yaml: data.latent.channels: Input should be less than or equal to 1024"),
+    ({"recipe__steps": 2**63}, "s.yaml: recipe.steps: integer out of range"),
+    ({"grid__recipe": {"seed": [0, -(2**64)]}}, "s.yaml: grid.recipe.seed[1]: integer out of range"),
+    ({"recipe__lr": float("inf")}, "s.yaml: recipe.lr: inf is not a finite number"),
+    ({"recipe__lr": "1e999"}, "s.yaml: recipe.lr: Input should be a finite number"),
+    ({"grid__recipe": {"lr": ["1e999"]}}, "s.yaml: grid.recipe.lr[0]: Input should be a finite number"),
+    ({"resources__cpus_per_worker": "1e999"}, "s.yaml: resources.cpus_per_worker: Input should be a finite number"),
+    ({"eval__cfg_scale": "nan"}, "s.yaml: eval.cfg_scale: Input should be a finite number"),
 ])
 def test_errors_name_the_field(changes, message):
     with pytest.raises(ConfigError) as info:
@@ -374,3 +397,87 @@ def test_cell_is_a_frozen_value():
     assert isinstance(c, Cell)
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.name = "x"  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------
+# Limits: an absurd spec is refused before anything is built
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_million_cell_grid_is_refused_in_milliseconds_naming_the_limit():
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        spec(grid__size=[BASE["grid"]["size"][0]], grid__patch=[2],
+             grid__recipe={"lr": [1e-4 * (1 + i) for i in range(1000)], "seed": list(range(1000))})
+    assert time.perf_counter() - t0 < 2
+    message = str(info.value)
+    assert message.startswith("s.yaml: grid: 1,000,000 cells (")
+    assert "grid.recipe.lr 1,000 x grid.recipe.seed 1,000" in message
+    assert "exceed grid.max_cells = 1,000; raise grid.max_cells" in message
+
+
+def test_max_cells_counts_include_and_each_axis_and_can_be_raised():
+    with pytest.raises(ConfigError, match=r"s.yaml: grid: 5 cells .* \+ grid.include 1\) exceed grid.max_cells = 4"):
+        spec(grid__max_cells=4, grid__include=[{"size": "B", "patch": 2}])
+    assert len(spec(grid__max_cells=5, grid__include=[{"size": "B", "patch": 2}]).cells()) == 5
+    # An axis past the limit is refused even when another is empty and the product is 0.
+    with pytest.raises(ConfigError, match=r"s.yaml: grid.recipe.seed: 1,001 entries, more than grid.max_cells"):
+        spec(grid__size=[], grid__patch=[], grid__include=[{"size": "tiny", "patch": 2}],
+             grid__recipe={"seed": list(range(1001))})
+    with pytest.raises(ConfigError, match=r"s.yaml: grid.max_cells: Input should be greater than or equal to 1"):
+        spec(grid__max_cells=0)
+
+
+def test_max_cells_is_a_guard_not_part_of_the_study():
+    # The resolved spec (whose hash a study folder checks on resume) is the same with the limit
+    # raised, and the same as before the field existed.
+    assert spec(grid__max_cells=10_000).resolved(costs=False) == spec().resolved(costs=False)
+    assert "max_cells" not in spec().resolved(costs=False)["spec"]["grid"]
+    assert "max_cells" in spec_json_schema()["$defs"]["Grid"]["properties"]
+
+
+def test_duplicate_axis_values_are_found_in_linear_time():
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"s.yaml: grid.recipe.seed\[60000\]: value 0 is listed twice"):
+        spec(grid__size=[], grid__patch=[], grid__max_cells=100_000, grid__include=[{"size": "tiny", "patch": 2}],
+             grid__recipe={"seed": [*range(60_000), 0]})
+    assert time.perf_counter() - t0 < 5  # comparing each value with every earlier one: ~40 s
+
+
+# --------------------------------------------------------------------------------------------
+# eval.features "module:factory": user code, imported only for a run
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_features_factory_is_imported_only_when_loading_for_a_run(tmp_path, digits8, monkeypatch, capsys):
+    import sys
+
+    module = f"ditscale_test_features_{tmp_path.name.replace('-', '_')}"
+    marker = tmp_path / "imported"
+    (tmp_path / f"{module}.py").write_text(
+        f"open({str(marker)!r}, 'w').close()  # the side effect of running user code\n"
+        "def factory(**kwargs):\n    raise AssertionError('not built at load')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    raw = {**copy.deepcopy(BASE), "data": {"manifest": digits8},
+           "eval": {"enabled": True, "features": f"{module}:factory"}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    try:
+        assert cli(["flops", str(path)]) == 0, capsys.readouterr().err
+        assert cli(["status", str(path), "--storage", str(tmp_path / "runs")]) == 0, capsys.readouterr().err
+        load_spec(path)
+        assert not marker.exists()
+        load_spec(path, for_run=True)
+        assert marker.exists()
+        raw["eval"]["features"] = f"{module}:no_such_factory"
+        path.write_text(yaml.safe_dump(raw))
+        load_spec(path)
+        with pytest.raises(ConfigError, match=r"s.yaml: eval.features: .*cannot import 'no_such_factory' from "):
+            load_spec(path, for_run=True)
+    finally:
+        sys.modules.pop(module, None)

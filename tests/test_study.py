@@ -69,36 +69,65 @@ def test_study_runs_every_cell_and_logs_to_a_real_mlflow_server(tmp_path, digits
         assert run.data.metrics["train/compute_gflops"] == pytest.approx(gflops * 3 * 32 * 8, rel=1e-5)
 
 
-@pytest.mark.slow
-def test_killed_driver_then_resume_finishes_without_rerunning_or_duplicating(tmp_path, digits8):
-    spec = write_spec(tmp_path, digits8, name="killme", steps=24)
-    root = tmp_path / "runs" / "killme"
+def start_driver(spec: Path, log: Path, *args: str) -> subprocess.Popen:
+    """`ditscale ARGS SPEC` in its own process group (so a kill takes its local Ray too), output to ``log``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--no-report"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    # Kill the driver (and the local Ray it started) once one cell has ended and another has
-    # logged progress: a mid-study crash with one finished and one half-done trial.
-    deadline = time.time() + 400
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args, str(spec), "--no-report"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_until(proc: subprocess.Popen, log: Path, ready, timeout: float, what: str) -> None:
+    """Poll ``ready()``; fail with the driver's output if it exits or the time runs out first."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
-        outcomes = list(root.glob("trials/*/outcome.json"))
-        logs = [p for p in root.glob("trials/*/metrics.jsonl") if not (p.parent / "outcome.json").exists()]
-        if outcomes and any(len(p.read_text().splitlines()) >= 4 for p in logs):
-            break
+        if ready():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the driver exited ({proc.returncode}) before {what}:\n{log.read_text()[-6000:]}")
         time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("the study never reached the kill point")
+    os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"no {what} within {timeout:.0f} s; the driver's output:\n{log.read_text()[-6000:]}")
+
+
+@pytest.mark.slow
+def test_killed_driver_then_resume_finishes_without_rerunning_or_duplicating(tmp_path, digits8, capsys):
+    # One cell at a time, so the kill point (one cell ended, the next one part way) always comes.
+    spec = write_spec(tmp_path, digits8, name="killme", steps=24)
+    raw = yaml.safe_load(spec.read_text())
+    raw["resources"]["max_concurrent_trials"] = 1
+    spec.write_text(yaml.safe_dump(raw))
+    root = tmp_path / "runs" / "killme"
+    log = tmp_path / "driver.log"
+    proc = start_driver(spec, log, "run")
+
+    def kill_point() -> bool:
+        ended = list(root.glob("trials/*/outcome.json"))
+        logs = [p for p in root.glob("trials/*/metrics.jsonl") if not (p.parent / "outcome.json").exists()]
+        return bool(ended) and any(len(p.read_text().splitlines()) >= 4 for p in logs)
+
+    def holds_lock() -> bool:
+        lock = root / "driver.lock"
+        return lock.is_file() and f'"pid": {proc.pid}' in lock.read_text()
+
+    # While the first driver runs, a second one on the same study is refused, naming it.
+    wait_until(proc, log, holds_lock, 300, "the driver took the study's lock")
+    assert cli(["resume", str(spec), "--no-report"]) == 2
+    assert f"pid {proc.pid}" in capsys.readouterr().err
+    wait_until(proc, log, kill_point, 600, "the kill point (one cell ended, another at step 8)")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished_before = {p.parent.name: p.read_text() for p in root.glob("trials/*/outcome.json")}
-    finished_metrics = {n: (root / "trials" / n / "metrics.jsonl").read_text() for n in finished_before}
+    ended = {p.parent.name: (p.read_text(), p.stat().st_ino, p.stat().st_mtime_ns)
+             for p in root.glob("trials/*/outcome.json")}
+    ended_metrics = {n: (root / "trials" / n / "metrics.jsonl").read_text() for n in ended}
     time.sleep(2)
 
     assert cli(["status", str(spec)]) == 0
-    assert cli(["resume", str(spec), "--no-report"]) == 0
-    for name, text in finished_before.items():  # finished cells were not rerun
-        assert (root / "trials" / name / "outcome.json").read_text() == text
-        assert (root / "trials" / name / "metrics.jsonl").read_text() == finished_metrics[name]
+    assert cli(["resume", str(spec), "--no-report"]) == 0  # takes over the dead driver's lock
+    for name, (text, inode, mtime) in ended.items():  # ended cells were skipped, not rerun
+        outcome = root / "trials" / name / "outcome.json"
+        assert (outcome.read_text(), outcome.stat().st_ino, outcome.stat().st_mtime_ns) == (text, inode, mtime)
+        assert (root / "trials" / name / "metrics.jsonl").read_text() == ended_metrics[name]
     uri = f"sqlite:///{root / 'mlflow.db'}"
     c, runs = children(uri, "killme")
     assert len(runs) == 2  # no duplicated child runs
@@ -108,6 +137,10 @@ def test_killed_driver_then_resume_finishes_without_rerunning_or_duplicating(tmp
         assert steps == list(range(2, 25, 2)), steps  # every step exactly once
         outcome = json.loads((root / "trials" / run.data.tags[TAG_TRIAL] / "outcome.json").read_text())
         assert outcome["status"] == "finished" and outcome["step"] == 24
+    # A finished study runs again, and resumes, as a no-op.
+    assert cli(["run", str(spec), "--no-report"]) == 0
+    assert cli(["resume", str(spec), "--no-report"]) == 0
+    assert "already ended" in capsys.readouterr().out
 
 
 def test_bad_spec_exits_2_and_starts_nothing(tmp_path, digits8, capsys):
@@ -144,16 +177,14 @@ def test_cancel_stops_a_running_study_and_resume_finishes_it(tmp_path, digits8):
     raw["recipe"].update(checkpoint_every=100, log_every=10)  # a long run, few checkpoints
     spec.write_text(yaml.safe_dump(raw))
     root = tmp_path / "runs" / "cancelme"
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(spec), "--no-report"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not any(
-        len(p.read_text().splitlines()) >= 2 for p in root.glob("trials/*/metrics.jsonl")
-    ):
-        time.sleep(0.5)
+    log = tmp_path / "driver.log"
+    proc = start_driver(spec, log, "run")
+    wait_until(proc, log, lambda: any(len(p.read_text().splitlines()) >= 2 for p in root.glob("trials/*/metrics.jsonl")),
+               300, "two logged steps")
     assert cli(["cancel", str(spec)]) == 0
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 1 and "study cancelme: cancelled" in out
+    proc.wait(timeout=300)
+    out = log.read_text()
+    assert proc.returncode == 1 and "study cancelme: cancelled" in out, out[-6000:]
     assert not all((root / "trials" / c / "outcome.json").exists() for c in ("DiT-tiny-2", "DiT-tiny-4"))
     c, runs = children(f"sqlite:///{root / 'mlflow.db'}", "cancelme")
     parent = next(r for r in c.search_runs([runs[0].info.experiment_id]) if r.data.tags.get(TAG_KIND) == "study")

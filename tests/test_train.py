@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from dit.errors import ConfigError
 from dit.models import create_model, load_state_dict
 from dit.train import NonFiniteLoss, TrainConfig, export_checkpoint, train
+from dit.train.loop import BAD_SHARDS, SKIPPED_SAMPLES
 
 TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4, "patch_size": 2}
 
@@ -32,8 +33,9 @@ def test_loss_falls_and_metrics_are_complete(digits8, tmp_path):
     assert losses[-1] < 0.8 * losses[0]
     last = reports[-1][0]
     for key in ("train/grad_norm", "train/images_per_s", "train/tflops_per_s", "train/compute_gflops",
-                "data/skipped_samples", "sys/peak_memory_gb"):
+                SKIPPED_SAMPLES, BAD_SHARDS, "sys/peak_memory_gb"):
         assert key in last and math.isfinite(last[key]), key
+    assert last[SKIPPED_SAMPLES] == last[BAD_SHARDS] == 0.0  # healthy data: nothing damaged
     gflops = last["train/compute_gflops"] / (3 * 24 * 32)
     assert gflops == pytest.approx(last["train/tflops_per_s"] * 1e3 / (6 * last["train/images_per_s"]))
     assert reports[-1][1] is not None and result.step == 24  # the final step always checkpoints

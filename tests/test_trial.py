@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import yaml
 
-from faults.injectors import KillAt, PoisonAt
+from faults.injectors import KillAt, PoisonAt, RecordSteps, StepFileSink
 from orchestrator.spec.trial import TrialConfig, load_trial_config
 from orchestrator.trial import run_trial
 
@@ -87,11 +87,18 @@ def test_one_worker_follows_two_workers_at_the_same_global_batch(digits8, storag
 
 @pytest.mark.slow
 def test_sigkilled_worker_restarts_from_checkpoint_and_logs_each_step_once(digits8, storage, tmp_path, zero2_run):
-    marker = tmp_path / "killed"
-    outcome = run_trial(trial(digits8, storage, "killed"), step_callbacks=[KillAt(9, marker, rank=1)])
+    marker, done, seen = tmp_path / "killed", tmp_path / "steps", tmp_path / "sink"
+    outcome = run_trial(trial(digits8, storage, "killed"), sinks=[StepFileSink(seen)],
+                        step_callbacks=[KillAt(9, marker, rank=1), RecordSteps(done)])
     assert marker.exists(), "the fault was never injected"
     assert outcome.status == "finished", outcome.reason
     assert [r["step"] for r in outcome.metrics] == list(range(2, 17, 2))  # each step exactly once
+    # Rank 0 ran 1..8 or 9 (rank 1 died after 9), then the group restarted from the step-6 checkpoint.
+    ran = [int(s) for s in done.read_text().split()]
+    restart = next(i for i in range(1, len(ran)) if ran[i] <= ran[i - 1])
+    assert ran[:restart] == list(range(1, restart + 1)) and restart in (8, 9), ran
+    assert ran[restart:] == list(range(7, 17)), ran
+    assert [int(s) for s in seen.read_text().split()] == list(range(2, 17, 2))  # a sink sees no replay
     assert losses(outcome) == pytest.approx(losses(zero2_run), rel=1e-6)
 
 

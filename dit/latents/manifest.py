@@ -36,6 +36,7 @@ STATE_DIR = ".prepare"  # completion records and the planned config live here
 CONFIG_NAME = "config.json"  # inside STATE_DIR
 LATENTS_EXT = "latents.npy"
 SHARD_PATTERN = "shard-*"  # glob matching every shard (and its temporary files)
+FEATURES_DIR = "features"  # feature networks trained on the data (see the layout above)
 
 
 def shard_name(j: int) -> str:
@@ -50,6 +51,16 @@ def record_path(out_dir: str, j: int) -> str:
 
 class CorruptShardError(ConfigError):
     """A shard is missing, truncated, undecodable or fails its sha256 (``strict=True``)."""
+
+
+class NoReadableShardsError(CorruptShardError):
+    """Non-strict reading found every shard of the manifest unreadable since the last readable
+    one: the data is gone (an unmounted volume, deleted files), not damaged here and there."""
+
+
+class ShardLabelError(CorruptShardError):
+    """A shard holds a class label outside ``[0, num_classes)`` of its manifest (it would index
+    past the model's class embedding: a device-side assert on CUDA). Refused even when not strict."""
 
 
 class ShardWarning(UserWarning):

@@ -24,6 +24,10 @@ counted (``stream.skipped``, ``stream.bad_shards``); a shard's sha256 is checked
 manifest as it is read. To keep batch shapes and positions fixed, a missing sample is replaced
 by a readable one from the same shard (or, if the whole shard is lost, from the same batch).
 ``strict=True`` raises :class:`~dit.latents.manifest.CorruptShardError` naming the shard instead.
+Even when not strict, a label outside the manifest's classes raises ``ShardLabelError``, and
+data that is gone (every shard unreadable since the last readable one, e.g. an unmounted
+volume) raises ``NoReadableShardsError`` naming the manifest instead of yielding nothing forever
+(the rule, and why a few damaged shards never trigger it: :mod:`dit.latents.shards`).
 
 Speed. Local shards are memory-mapped and hashed in a read-ahead thread (:mod:`dit.latents.shards`);
 a shard whose sha256 matches is decoded with a few vectorised numpy operations (fixed member
@@ -42,9 +46,9 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from dit.latents.manifest import Manifest
+from dit.latents.manifest import CorruptShardError, Manifest
 from dit.latents.order import _buffer_order, _locate, _pass_units, _rng, _Spec
-from dit.latents.shards import _fetch, _parse_shard, _Stats
+from dit.latents.shards import _fetch, _parse_shard, _ReadSpec, _Stats
 from dit.errors import ConfigError
 from dit.files import check_pipe
 
@@ -315,6 +319,18 @@ def _check_settings(rank: int, world_size: int, batch_size: int, num_workers: in
         raise ConfigError(f"epoch_length {epoch_length}: must be >= 1 or None")
 
 
+def _unwrapped(source: Any) -> Iterator[Any]:
+    """``source``'s items; a shard error re-raised by a DataLoader gets back its own message (the
+    DataLoader prefixes the worker's traceback, which would bury the shard's name)."""
+    try:
+        yield from source
+    except CorruptShardError as err:
+        text, mark = str(err), f"{type(err).__name__}: "
+        if text.startswith("Caught ") and mark in text:
+            raise type(err)(text.rsplit(mark, 1)[1].strip()) from None
+        raise
+
+
 class LatentStream:
     """Endless, deterministic, resumable ``(latents, labels)`` batches from a manifest.
 
@@ -367,7 +383,7 @@ class LatentStream:
 
     def _make_spec(self, strict: bool, verify: bool, allow_pipe: bool, storage_options: Mapping[str, Any] | None) -> _Spec:
         m = self.manifest
-        return _Spec(
+        return _ReadSpec(
             urls=tuple(m.shard_urls()),
             counts=tuple(s.count for s in m.shards),
             sha256=tuple(s.sha256 for s in m.shards),
@@ -383,6 +399,8 @@ class LatentStream:
             scale=float(m.scale_factor),
             half=self.dtype == torch.float16,
             storage_options=tuple(sorted((storage_options or {}).items())),
+            manifest=m.url or "",
+            num_classes=m.num_classes,
         )
 
     @property
@@ -404,7 +422,7 @@ class LatentStream:
             source = torch.utils.data.DataLoader(
                 _WorkerDataset(self._spec, self.rank, W, start, stop), batch_size=None, num_workers=W
             )
-        for lat, lab, skipped, bad in source:
+        for lat, lab, skipped, bad in _unwrapped(source):
             self.position += 1
             self.skipped += int(skipped)
             self.bad_shards.update(bad)

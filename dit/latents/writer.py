@@ -15,10 +15,12 @@ Inputs are assigned to shards by a seeded permutation (:class:`ShardPlan`, class
 reruns write the same shards, byte for byte (tar headers carry no owner and mtime 0). Each
 shard is written under a temporary name and renamed (:func:`dit.files.atomic_path`), then a
 completion record goes to ``DIR/.prepare/``; a rerun skips finished shards and sweeps the
-temporary files a killed writer left. ``DIR/manifest.json`` is written last, by ``finish()``,
-which first calls the caller's ``feature_nets`` (for the digits: the small classifier behind
-digits FID, see ``dit.evaluate.features``) and records what it returns under the manifest's
-``features``. The member layout is described in :mod:`dit.latents.manifest`.
+temporary files a killed writer left (shards, records, manifest, feature files). A label outside
+the source's classes is refused, naming the shard and the input. ``DIR/manifest.json`` is
+written last, by ``finish()``, which first calls the caller's ``feature_nets`` (for the digits:
+the small classifier behind digits FID, see ``dit.evaluate.features``) and records what it
+returns under the manifest's ``features``. The member layout is described in
+:mod:`dit.latents.manifest`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 
 from dit.latents.manifest import (
     CONFIG_NAME,
+    FEATURES_DIR,
     FORMAT_VERSION,
     LATENTS_EXT,
     MANIFEST_NAME,
@@ -190,6 +193,7 @@ class PrepareJob:
                     if img is None:
                         skipped.append({"key": self.source.key(idx), "error": err or "unreadable"})
                     else:
+                        self._check_label(j, idx)
                         images.append(img)
                         ok.append(idx)
                 if not images:
@@ -200,6 +204,17 @@ class PrepareJob:
                     count += 1
         writer.close()
         return count
+
+    def _check_label(self, j: int, idx: int) -> None:
+        """Refuse a label outside the source's classes: the manifest's ``num_classes`` sizes the
+        model's class embedding, and a label past it is a device-side assert on CUDA."""
+        label, n = int(self.source.label(idx)), len(self.source.class_names)
+        if not 0 <= label < n:
+            raise ConfigError(
+                f"shard {shard_name(j)}: input {self.source.key(idx)!r} has label {label}, outside the "
+                f"{n} classes [0, {n}) of the {getattr(self.source, 'kind', '?')} source. Fix: give every "
+                "input a label in range (or list all class names)"
+            )
 
     def _latent_generator(self, codec: "Codec", j: int) -> torch.Generator | None:
         """Sampled (not mean) latents draw from a generator seeded per shard, so any process
@@ -309,7 +324,13 @@ class PrepareJob:
             features=features,
         )
         path = os.path.join(self.out_dir, MANIFEST_NAME)
-        manifest.save(path)
+        try:  # atomic: a failed write leaves neither a half manifest nor its temporary file
+            manifest.save(path)
+        except OSError as err:
+            raise ConfigError(
+                f"{path}: cannot write the manifest ({err}). The shards are kept: free space or fix the "
+                "folder's permissions, then rerun prepare (it writes only the manifest)"
+            ) from err
         manifest.url = path
         return manifest
 
@@ -377,6 +398,17 @@ def _refuse_other_settings(out: str, config: dict[str, Any], chash: str) -> None
             )
 
 
+def _remove_stale_temps(out: str) -> None:
+    """Sweep what a killed writer left (shards, records, config, manifest, feature files, all
+    ``NAME.tmp-XXXXXXXX``): nothing else removes them, and a copy or upload of the folder
+    would carry them along."""
+    remove_stale_temps(out, SHARD_PATTERN)
+    remove_stale_temps(out, MANIFEST_NAME)
+    remove_stale_temps(os.path.join(out, STATE_DIR))
+    if os.path.isdir(os.path.join(out, FEATURES_DIR)):
+        remove_stale_temps(os.path.join(out, FEATURES_DIR))
+
+
 def _load_threads(source: ImageSource, load_threads: int | None) -> int:
     if load_threads is None:
         return min(8, os.cpu_count() or 1) if getattr(source, "parallel_load", False) else 1
@@ -419,8 +451,7 @@ def begin_prepare(
         _refuse_other_settings(out, config, chash)
     state = os.path.join(out, STATE_DIR)
     os.makedirs(state, exist_ok=True)
-    remove_stale_temps(out, SHARD_PATTERN)  # half-written shards of a killed writer
-    remove_stale_temps(state)
+    _remove_stale_temps(out)
     atomic_write_json(os.path.join(state, CONFIG_NAME), config, indent=1)
     job = PrepareJob(out, source, encoder, latent_shape, plan, bool(flip), int(encode_seed), int(encode_batch), config, chash, [],
                      _load_threads(source, load_threads), feature_nets)

@@ -17,6 +17,7 @@ evaluation opens one (:meth:`Checkpoint.open`) and loads its EMA model and diffu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -128,17 +129,63 @@ def _deepspeed_safe_globals() -> list[Any]:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def verify_checkpoint_files(directory: Path) -> None:
-    """Refuse a checkpoint whose pickles hold anything but tensors, plain data and the allowlist.
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, every link followed, lies inside the resolved ``root``."""
+    try:
+        path.resolve(strict=True).relative_to(root)
+    except (OSError, RuntimeError, ValueError):  # dangling link, link loop, or outside
+        return False
+    return True
 
-    DeepSpeed's own loader calls ``torch.load(weights_only=False)``; reading every file once
-    with ``weights_only=True`` first means a tampered shard is rejected before it can run code.
+
+def _refuse_outside_links(directory: Path) -> None:
+    """Refuse a checkpoint any of whose files or folders resolve outside it.
+
+    A link to elsewhere would make us verify (and DeepSpeed load) files the checkpoint does not
+    own, which a later writer can swap; the walk does not follow links, each is checked."""
+    root = directory.resolve(strict=True)
+    for parent, dirs, files in os.walk(root, followlinks=False):
+        for name in (*dirs, *files):
+            entry = Path(parent) / name
+            if not _inside(entry, root):
+                raise ConfigError(
+                    f"checkpoint file {str(entry)!r} resolves to {os.path.realpath(entry)!r}, outside the "
+                    f"checkpoint folder {str(root)!r}; refusing to resume from it. Fix: copy the real files in"
+                )
+
+
+def _deepspeed_files(directory: Path) -> list[Path]:
+    """Every file DeepSpeed's ``load_checkpoint(directory, tag=DS_TAG)`` may ``torch.load``.
+
+    DeepSpeed 0.19 opens, inside the tag folder only, ``mp_rank_XX_model_states.pt`` (or
+    ``zero_pp_rank_N_mp_rank_XX_model_states.pt``), ``[bf16_]zero_pp_rank_N_mp_rank_XX_optim_states.pt``
+    (old name: ``...XXoptim_states.pt``), ``expp_rank_*``/``*expert_*`` MoE files, and through
+    ``zero_to_fp32`` any ``*model_states.pt``/``*optim_states.pt``: all of them end in ``.pt``.
+    We take every ``*.pt`` there (a superset, names of future versions included)."""
+    tag = directory / DS_TAG
+    if not tag.is_dir():
+        return []
+    return sorted(p for p in tag.rglob("*.pt") if p.is_file())
+
+
+def verify_checkpoint_files(directory: Path) -> None:
+    """Refuse a checkpoint whose pickles hold anything but tensors, plain data and the allowlist,
+    or any of whose files or folders resolve outside it (symlinks).
+
+    DeepSpeed's own loader calls ``torch.load(weights_only=False)``; reading every file it may
+    open once with ``weights_only=True`` first means a tampered shard is rejected before it
+    can run code. The walk checks links first: a link out would let the verified bytes differ
+    from the ones DeepSpeed loads, and ``rglob`` does not descend into linked folders at all.
     """
+    directory = Path(directory)
+    _refuse_outside_links(directory)
     allowed = _deepspeed_safe_globals()
-    for path in sorted(directory.rglob("*.pt")):
+    for path in [*_deepspeed_files(directory), directory / EMA_FILE]:
+        if not path.is_file():
+            continue  # a missing file fails DeepSpeed's own load, or ours, with its name
         try:
             with torch.serialization.safe_globals(allowed):
-                torch.load(path, map_location="cpu", weights_only=True)
+                torch.load(path.resolve(), map_location="cpu", weights_only=True)
         except Exception as err:
             raise ConfigError(
                 f"checkpoint file {str(path)!r} is not loadable with weights_only=True "

@@ -20,7 +20,7 @@ __all__ = ["TrainConfig", "compute_dtype", "make_diffusion", "resolve_model"]
 class TrainConfig(BaseModel):
     """One trial's recipe. Defaults are the paper's (AdamW 1e-4, no decay, batch 256, EMA 0.9999)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # lr: "1e999" is a typo, not inf
 
     model: str | dict[str, Any] = Field("DiT-S/2", description="a name like DiT-XL/2 or a custom config")
     block: str | None = Field(None, description="conditioning design override (adaln-zero, adaln, ...)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -16,16 +17,24 @@ from dit.errors import ConfigError
 from dit.evaluate.evaluator import Evaluator
 from dit.evaluate.grids import sample_grid_path
 from dit.flops import FLOPS_PER_MAC, training_compute
+from dit.latents.manifest import NoReadableShardsError
 from dit.models import DiTConfig, create_model
 from dit.train.checkpoint import load_checkpoint, save_checkpoint, staging_dir
 from dit.train.config import TrainConfig, compute_dtype, make_diffusion, resolve_model
 from dit.train.ema import EMA, copy_ema
 from dit.train.engine import build_engine, init_distributed
 
-__all__ = ["NonFiniteLoss", "Report", "StepCallback", "TrainResult", "open_stream", "train"]
+__all__ = ["BAD_SHARDS", "SKIPPED_SAMPLES", "NonFiniteLoss", "Report", "StepCallback", "TrainResult", "open_stream",
+           "train"]
 
 Report = Callable[[dict[str, float], "str | None"], None]
 StepCallback = Callable[[int, Any], None]
+
+# Data damage, in every logged step's metrics: workers' warnings never reach the driver (Ray
+# runs without log_to_driver), metrics do, into metrics.jsonl and MLflow. Both are running
+# totals over all ranks: samples replaced so far, and distinct damaged shards seen so far.
+SKIPPED_SAMPLES = "data/skipped_samples"
+BAD_SHARDS = "data/bad_shards"
 
 
 @dataclass
@@ -111,6 +120,17 @@ def open_stream(cfg: TrainConfig, micro: int, rank: int, world: int, start_batch
     )
 
 
+def _next_batch(batches, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next micro-batch; when the data is gone the trial ends here, saying at which step
+    (the stream raises instead of handing out empty batches forever)."""
+    try:
+        return next(batches)
+    except NoReadableShardsError as err:
+        stop = NoReadableShardsError(f"step {step + 1}: {err}; stopping the trial")
+        stop.step = step + 1  # type: ignore[attr-defined]  # the trial's last (failed) step, for its report
+        raise stop from err
+
+
 def _optimizer_step(w: _Worker, batches, step: int) -> torch.Tensor:
     """One optimizer step (``accum`` micro-batches); the global [loss, mse, vb, count] sums.
     Every draw comes from the (seed, rank, step) generator: the basis of exact resume."""
@@ -119,7 +139,7 @@ def _optimizer_step(w: _Worker, batches, step: int) -> torch.Tensor:
     dtype, device, diffusion, engine = compute_dtype(w.cfg.precision), w.device, w.diffusion, w.engine
     sums = torch.zeros(4, dtype=torch.float64)
     for _ in range(w.accum):
-        x, y = next(batches)
+        x, y = _next_batch(batches, step)
         x, y = x.to(device, dtype), y.to(device)
         t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device, generator=gen)
         noise = torch.randn(x.shape, device=device, dtype=x.dtype, generator=gen)
@@ -256,10 +276,19 @@ class _Window:
             "train/tflops_per_s": training_compute(gflops * FLOPS_PER_MAC, images_per_s) / 1e3,
             "train/compute_gflops": training_compute(gflops, images_seen),
             "train/images_seen": float(images_seen),
-            "data/skipped_samples": skipped.item(),
+            SKIPPED_SAMPLES: skipped.item(),
+            BAD_SHARDS: _bad_shard_count(stream),
             "sys/peak_memory_gb": _peak_memory_gb(device),
         }
         if self.grad_norms:
             out["train/grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
         self.reset()
         return out
+
+
+def _bad_shard_count(stream) -> float:
+    """Distinct damaged shards seen by any rank: one flag per manifest shard, summed over ranks
+    (a sum of per-rank counts would count a shard twice when two ranks read it)."""
+    names = [os.path.basename(u) for u in stream.manifest.shard_urls()]  # as the stream names them
+    flags = torch.tensor([float(n in stream.bad_shards) for n in names], dtype=torch.float64)
+    return float((all_reduce_sum(flags) > 0).sum().item())

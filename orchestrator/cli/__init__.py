@@ -2,9 +2,8 @@
 
 Each subcommand lives in the module that owns its concern, as a pair of functions
 ``add_arguments(parser)`` and ``main(args) -> int`` (other names may be given below); this
-file only wires them up and turns user errors into a message and exit code 2. ``main()``
-first sets the process environment Ray needs (``orchestrator.ray_env.configure_process_env``),
-before any subcommand can import Ray.
+file only wires them up and turns user errors (``ConfigError``) into one message and exit
+code 2; anything else is a defect of ours and exits 1.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import sys
 from typing import Sequence
 
 from dit.errors import ConfigError
-from orchestrator.ray_env import configure_process_env
 
 # name -> (module, one-line help[, add-arguments function, main function]). Modules are imported lazily so `ditscale --help`
 # does not pay for importing Ray, DeepSpeed and MLflow.
@@ -54,7 +52,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    configure_process_env()
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), "")
     parser = build_parser(command if command in SUBCOMMANDS else "")

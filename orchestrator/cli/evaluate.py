@@ -132,7 +132,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
     if args.spec:
         from orchestrator.spec import load_spec
 
-        cell = _pick_cell(load_spec(args.spec), args.cell, Path(args.checkpoint))
+        cell = _pick_cell(load_spec(args.spec, for_run=True), args.cell, Path(args.checkpoint))
     elif args.cell:
         raise ConfigError("--cell needs --spec")
     if not args.data and cell is None:

@@ -99,7 +99,7 @@ def _spec_main(path: str, as_json: bool) -> int:
     from dit.flops import FLOPS_PER_MAC
     from orchestrator.spec import load_spec
 
-    spec = load_spec(path)
+    spec = load_spec(path, for_run=False)  # a dry run: no user code (eval.features 'module:factory') is imported
     cells = spec.cells()
     if as_json:
         print(json.dumps(spec.resolved(), indent=2))

@@ -23,7 +23,9 @@ def _print_outcome(result) -> None:
         reason = f" ({outcome['reason']})" if outcome and outcome.get("reason") else ""
         print(f"  {cell:<28} {status}{reason}")
     print(f"study folder: {result.root}")
-    print(f"MLflow: {result.tracking_uri}  (parent run {result.parent_run_id})")
+    from analysis.store import redact_uri
+
+    print(f"MLflow: {redact_uri(result.tracking_uri)}  (parent run {result.parent_run_id})")
     if result.tracking_uri.startswith("sqlite:"):
         print(f"  browse with: mlflow ui --backend-store-uri {result.tracking_uri}")
 
@@ -33,6 +35,8 @@ def _run(args: argparse.Namespace, resume: bool) -> int:
 
     result = run_study(args.spec, storage=args.storage, tracking_uri=args.tracking_uri,
                        address=args.address, resume=resume)
+    if result.already_ended:
+        print(f"study {result.name}: every cell had already ended; nothing to run")
     _print_outcome(result)
     if not args.no_report:
         _maybe_report(result)
@@ -64,15 +68,15 @@ def add_status_arguments(parser: argparse.ArgumentParser) -> None:
 def status_main(args: argparse.Namespace) -> int:
     from orchestrator.study import study_status
 
-    from orchestrator.progress import format_eta
+    from orchestrator.progress import format_eta, format_flops
 
     rows = study_status(args.spec, args.storage)
-    print(f"{'cell':<28} {'Gflops':>9} {'status':<9} {'step':>15} {'loss':>8} {'FID':>8} {'ETA':>6}")
+    print(f"{'cell':<28} {'per image':>12} {'status':<9} {'step':>15} {'loss':>8} {'FID':>8} {'ETA':>6}")
     for r in rows:
         loss = "" if math.isnan(r["loss"]) else f"{r['loss']:.4f}"
         fid = "" if r["fid"] is None else f"{r['fid']:.2f}"
         eta = format_eta(r["eta_s"]) if r["status"] == "started" else ""
-        print(f"{r['cell']:<28} {r['gflops']:>9.3f} {r['status']:<9} {r['step']:>7}/{r['steps']:<7} "
+        print(f"{r['cell']:<28} {format_flops(r['gflops']):>12} {r['status']:<9} {r['step']:>7}/{r['steps']:<7} "
               f"{loss:>8} {fid:>8} {eta:>6}" + (f"  {r['reason']}" if r["reason"] else ""))
     return 0
 

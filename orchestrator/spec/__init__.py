@@ -1,9 +1,9 @@
 """Study specs: one YAML file describes a whole model x patch (x block x recipe) grid.
 
-A spec is read with ``yaml.safe_load``, validated with pydantic (unknown fields are errors
-everywhere) and expanded into :class:`Cell` s, one per trial. Each cell carries a fully built
-``dit.train.TrainConfig``, so the recipe's field rules live in one place (the trainer's own
-config) and a spec that loads is a spec whose every trial would start. Every problem is a
+A spec is read with a safe YAML loader, checked against size limits, validated with pydantic
+(unknown fields are errors everywhere) and expanded into :class:`Cell` s, one per trial. Each
+cell carries a fully built ``dit.train.TrainConfig``, so the recipe's field rules live in one
+place (the trainer's own config) and a spec that loads is a spec whose every trial would start. Every problem is a
 ``ConfigError`` whose lines read ``FILE: field.path: message``.
 
 Minimal spec (see ``studies/*.yaml`` and ``ditscale schema`` for every field)::
@@ -18,6 +18,7 @@ Minimal spec (see ``studies/*.yaml`` and ``ditscale schema`` for every field)::
       recipe: {lr: [1.0e-4, 3.0e-4]}           # any TrainConfig field as an axis
       include: [{size: XL, patch: 2}]          # extra cells (missing axes: first value)
       exclude: [{size: B, patch: 2}]           # drop product cells matching all given keys
+      max_cells: 1000                          # the default: a bigger grid is refused before expanding
     recipe: {steps: 400000, global_batch: 256, precision: bf16}
     resources: {workers: 1, use_gpu: true, by_size: {XL: {workers: 8}}}
 
@@ -39,8 +40,11 @@ Where things live (every name below is also importable from ``orchestrator.spec`
   ``Tracking``, ``Cost``); ``data``: ``DataSpec``, ``LatentSpec`` and what they resolve to,
   :class:`DataInfo`; ``resources``: ``WorkerResources`` (the one declaration of workers, CPUs and
   GPUs), ``SizeResources``, ``Resources``; ``recipe``: ``Recipe`` (TrainConfig's fields).
-- ``load``: ``load_spec`` / ``parse_spec``; ``problems``: how errors are collected and worded;
-  ``expand``: the grid expansion, step by step; ``names``: cell names.
+- ``load``: ``load_spec`` / ``parse_spec`` (``for_run=True`` only where cells are about to run: it
+  imports an ``eval.features: "module:factory"``); ``yamlfile``: reading a YAML file safely (size,
+  depth); ``limits``: what an absurd spec is refused by before anything is built (values, nesting,
+  ``grid.max_cells``); ``problems``: how errors are collected and worded; ``expand``: the grid
+  expansion, step by step; ``names``: cell names.
 - ``cells``: :class:`Cell` (one trial, its costs) and ``order_by_cost``; ``trial``: ``TrialConfig``
   (``ditscale train``'s YAML), ``load_trial_config``; ``schema``: ``spec_json_schema``.
 

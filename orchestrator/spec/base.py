@@ -10,7 +10,8 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No field takes inf or nan, and pydantic would otherwise read "1e999" as inf.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def _as_list(value: Any) -> Any:

@@ -56,6 +56,10 @@ class Cell:
     def gpus_per_worker(self) -> float:
         return self.resources.gpus_per_worker
 
+    def worker_bundle(self) -> dict[str, float]:
+        """One worker's Ray resources, e.g. {"CPU": 4.0, "GPU": 1.0}; ``workers`` such bundles make a trial."""
+        return self.resources.worker_bundle()
+
     def model_config(self) -> DiTConfig:
         """The DiTConfig the trainer will build (data shape and classes filled in)."""
         d = self.data

@@ -21,10 +21,13 @@ from orchestrator.spec.problems import _Problems
 class LatentSpec(_Strict):
     """The latent shape, for dry runs before the manifest exists (read from it otherwise)."""
 
-    channels: int = Field(..., ge=1, description="latent channels (4 for the SD VAE, 1-3 for pixels)")
-    size: int = Field(..., ge=1, description="latent side (32 for 256 px through the SD VAE)")
+    # Upper bounds far past any real data, so an absurd shape is refused here rather than by
+    # torch when the cells' Gflops are measured.
+    channels: int = Field(..., ge=1, le=1024, description="latent channels (4 for the SD VAE, 1-3 for pixels)")
+    size: int = Field(..., ge=1, le=4096, description="latent side (32 for 256 px through the SD VAE)")
     vae_factor: int | None = Field(
-        None, ge=1, description="pixels per latent cell (8 for the SD VAE, 1 for pixels); default image_size / size"
+        None, ge=1, le=4096,
+        description="pixels per latent cell (8 for the SD VAE, 1 for pixels); default image_size / size"
     )
 
 
@@ -34,8 +37,10 @@ class DataSpec(_Strict):
         description="latent manifest from `ditscale prepare` (path or fsspec URL); relative paths resolve "
         "against the spec file's folder",
     )
-    image_size: int | None = Field(None, ge=1, description="pixels; read from the manifest when it exists")
-    num_classes: int | None = Field(None, ge=0, description="classes; read from the manifest when it exists")
+    image_size: int | None = Field(None, ge=1, le=65536, description="pixels; read from the manifest when it exists")
+    num_classes: int | None = Field(
+        None, ge=0, le=1_000_000, description="classes; read from the manifest when it exists"
+    )
     latent: LatentSpec | None = Field(None, description="latent shape; read from the manifest when it exists")
     builtin: Literal["digits"] | None = Field(
         None, description="a built-in data set that `ditscale run` prepares into `manifest` (at image_size, "

@@ -3,6 +3,7 @@
 The steps, each reporting its problems before the next runs (so an error names the spec
 entry that caused it, and the first broken step is the one reported):
 
+0. count the cells (axis lengths multiplied) against ``grid.max_cells``, before any is made;
 1. check the axes on their own (sizes, patches, blocks, recipe axes);
 2. the product of the axes, minus ``grid.exclude``, then the ``grid.include`` cells;
 3. a name for each cell (:mod:`orchestrator.spec.names`), unique;
@@ -26,6 +27,7 @@ from dit.models import BLOCKS, SIZES, model_config
 from dit.train import TrainConfig
 from orchestrator.spec.cells import Cell
 from orchestrator.spec.data import DataInfo, _is_remote
+from orchestrator.spec.limits import check_grid_size
 from orchestrator.spec.model import Grid, SizeEntry, StudySpec
 from orchestrator.spec.names import cell_name
 from orchestrator.spec.problems import _join, _loc, _msg, _Problems
@@ -55,7 +57,8 @@ class _Axes:
         return self.base.get(key, _recipe_default(key))
 
 
-def _expand(spec: StudySpec) -> list[Cell]:
+def _expand(spec: StudySpec, *, for_run: bool = False) -> list[Cell]:
+    check_grid_size(spec.grid, spec.grid.max_cells, spec.source)
     problems = _Problems(spec.source)
     sizes = _check_model_axes(spec.grid, spec.data_info, problems)
     recipe_axes = _check_recipe_axes(spec.grid, problems)
@@ -74,7 +77,7 @@ def _expand(spec: StudySpec) -> list[Cell]:
     by_size = _size_overrides(spec.resources, drafts, problems)
     problems.raise_if_any()
 
-    eval_cfg = _resolve_eval(spec, problems)
+    eval_cfg = _resolve_eval(spec, problems, for_run=for_run)
     cells = [_build_cell(spec, axes, name, d, by_size, eval_cfg, problems) for name, d in named]
     problems.raise_if_any()
     return [c for c in cells if c is not None]
@@ -96,18 +99,17 @@ def _check_model_axes(grid: Grid, data: DataInfo, problems: _Problems) -> dict[s
             problems.add(f"grid.size[{i}]", f"size {s.name!r} is listed twice")
         sizes[s.name] = s
         _check_dims(problems, f"grid.size[{i}]", s, data)
+    for i in _repeats(grid.patch):
+        problems.add(f"grid.patch[{i}]", f"patch {grid.patch[i]} is listed twice")
     for i, p in enumerate(grid.patch):
-        if p in grid.patch[:i]:
-            problems.add(f"grid.patch[{i}]", f"patch {p} is listed twice")
         if latent % p:
             problems.add(
                 f"grid.patch[{i}]",
                 f"{p} does not divide the latent size {latent} ({data.image_size} px / {data.vae_factor}); "
                 f"use a divisor of {latent}",
             )
-    for i, b in enumerate(grid.block):
-        if b in grid.block[:i]:
-            problems.add(f"grid.block[{i}]", f"block {b!r} is listed twice")
+    for i in _repeats(grid.block):
+        problems.add(f"grid.block[{i}]", f"block {grid.block[i]!r} is listed twice")
     return sizes
 
 
@@ -128,11 +130,28 @@ def _check_recipe_axes(grid: Grid, problems: _Problems) -> dict[str, list[Any]]:
             except ValidationError as err:
                 for e in err.errors():
                     problems.add(f"grid.recipe.{key}[{j}]", _msg(e))
-        for j, v in enumerate(coerced):
-            if v in coerced[:j]:
-                problems.add(f"grid.recipe.{key}[{j}]", f"value {v!r} is listed twice")
+        for j in _repeats(coerced):
+            problems.add(f"grid.recipe.{key}[{j}]", f"value {coerced[j]!r} is listed twice")
         axes[key] = coerced
     return axes
+
+
+def _repeats(values: Sequence[Any]) -> list[int]:
+    """Indices of values equal to an earlier one, in linear time for hashable values (an axis
+    may be as long as grid.max_cells, where comparing each value with all earlier ones is not)."""
+    seen: set[Any] = set()
+    unhashable: list[Any] = []
+    out = []
+    for i, v in enumerate(values):
+        try:
+            repeat = v in seen
+            seen.add(v)
+        except TypeError:  # a list or mapping value: compared the slow way, and rare
+            repeat = v in unhashable
+            unhashable.append(v)
+        if repeat:
+            out.append(i)
+    return out
 
 
 def _check_dims(problems: _Problems, where: str, size: SizeEntry, data: DataInfo) -> None:
@@ -352,7 +371,7 @@ def _train_error_path(loc: Sequence[Any], d: _Draft) -> str:
     return d.origin
 
 
-def _resolve_eval(spec: StudySpec, problems: _Problems) -> dict[str, Any]:
+def _resolve_eval(spec: StudySpec, problems: _Problems, *, for_run: bool) -> dict[str, Any]:
     """The eval section as every cell's TrainConfig gets it: local paths made absolute against
     the spec's folder; with evaluation on and the data present, the extractor must be available."""
     ev = spec.eval.model_dump()
@@ -362,15 +381,23 @@ def _resolve_eval(spec: StudySpec, problems: _Problems) -> dict[str, Any]:
         if value and not _is_remote(value):
             ev[key] = os.path.normpath(os.path.join(base, os.path.expanduser(value.removeprefix("file://"))))
     if spec.eval.enabled and spec.data_info.exists:
-        from dit.evaluate.features import check_extractor
-        from dit.latents import Manifest
-
-        try:
-            check_extractor(ev["features"], manifest=Manifest.load(spec.data_info.manifest), weights=ev["feature_weights"])
-        except ConfigError as err:
-            problems.add("eval.features", str(err))
+        _check_extractor(spec, ev, problems, for_run=for_run)
         ref = ev.get("reference")
         if ref and not _is_remote(ref) and not os.path.exists(ref):
             problems.add("eval.reference", f"{ref} does not exist (an ADM-style .npz or a latent manifest)")
         problems.raise_if_any()
     return ev
+
+
+def _check_extractor(spec: StudySpec, ev: dict[str, Any], problems: _Problems, *, for_run: bool) -> None:
+    """The extractor's files and imports; a 'package.module:factory' only for a run, since
+    importing it runs the module's code, which a command that only reads the spec must not."""
+    from dit.evaluate.features import canonical_name, check_extractor
+    from dit.latents import Manifest
+
+    if ":" in canonical_name(ev["features"]) and not for_run:
+        return
+    try:
+        check_extractor(ev["features"], manifest=Manifest.load(spec.data_info.manifest), weights=ev["feature_weights"])
+    except ConfigError as err:
+        problems.add("eval.features", str(err))

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from dit.errors import ConfigError
 from dit.evaluate import EvalConfig
@@ -20,6 +20,7 @@ from dit.models import BLOCKS, SIZES
 from orchestrator.spec.base import NAME_PATTERN, _as_list, _Strict
 from orchestrator.spec.cells import Cell
 from orchestrator.spec.data import DataInfo, DataSpec
+from orchestrator.spec.limits import DEFAULT_MAX_CELLS
 from orchestrator.spec.recipe import Recipe
 from orchestrator.spec.resources import Resources
 
@@ -30,10 +31,12 @@ class SizeEntry(_Strict):
     """A model size: a built-in name (S, B, L, XL) or a custom {name, depth, hidden_size, num_heads}."""
 
     name: str = Field(..., pattern=NAME_PATTERN, max_length=40)
-    depth: int | None = Field(None, ge=1)
-    hidden_size: int | None = Field(None, ge=1)
-    num_heads: int | None = Field(None, ge=1)
-    mlp_ratio: float | None = Field(None, gt=0)
+    # Upper bounds far past any DiT (XL: 28, 1152, 16, 4.0) so that an absurd size is refused
+    # here, not by a torch error or an endless build when its Gflops are measured.
+    depth: int | None = Field(None, ge=1, le=1024)
+    hidden_size: int | None = Field(None, ge=1, le=65536)
+    num_heads: int | None = Field(None, ge=1, le=1024)
+    mlp_ratio: float | None = Field(None, gt=0, le=64)
 
     @model_validator(mode="before")
     @classmethod
@@ -101,6 +104,12 @@ class Grid(_Strict):
     exclude: list[dict[str, Any]] = Field(
         default_factory=list, description="partial cells; a product cell matching all given keys is dropped"
     )
+    max_cells: int = Field(
+        DEFAULT_MAX_CELLS, ge=1,
+        description=f"refuse a grid of more cells than this (default {DEFAULT_MAX_CELLS:,}), counted before any "
+        "is made: the product of the axis lengths (before exclude) plus include. A guard against an axis typo "
+        "expanding to millions of trials; raise it for a study meant to be larger",
+    )
 
     @field_validator("size", "patch", "block", mode="before")
     @classmethod
@@ -130,6 +139,8 @@ class EvalSpec(EvalConfig):
     relative to the spec file's folder. When the manifest exists, a spec with evaluation on
     loads only if its feature extractor is available (weights file, packages).
     """
+
+    model_config = ConfigDict(allow_inf_nan=False)  # merged with EvalConfig's: "1e999" is no cfg_scale
 
 
 class Tracking(_Strict):
@@ -206,6 +217,9 @@ class StudySpec(_Strict):
             "cells": [c.to_dict(costs=costs) for c in cells],
         }
         out["spec"]["recipe"] = self.recipe.model_dump(mode="json", exclude_unset=True)
+        # A guard, not part of the study: raising it must not make a study folder see another spec
+        # (its hash is of this dict), and specs written before it existed keep their hash.
+        del out["spec"]["grid"]["max_cells"]
         if costs:
             out["total"] = {
                 "cells": len(cells),

@@ -32,7 +32,7 @@ def _recipe_model() -> type[BaseModel]:
         fields[name] = (annotation, info)
     return create_model(
         "Recipe",
-        __config__=ConfigDict(extra="forbid"),
+        __config__=ConfigDict(extra="forbid", allow_inf_nan=False),  # "1e999" would be lr = inf
         __doc__="dit.train.TrainConfig fields except model/block/data; unset fields keep its defaults.",
         **fields,
     )

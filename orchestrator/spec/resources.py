@@ -23,6 +23,16 @@ class WorkerResources(_Strict):
     use_gpu: bool = False
     gpus_per_worker: float = Field(1.0, ge=0)
 
+    def worker_bundle(self) -> dict[str, float]:
+        """One worker's Ray resource request: {"CPU": cpus_per_worker} plus "GPU" with use_gpu.
+
+        What Ray Train asks each worker's node for, so it is also what a node must have free
+        to host one worker of the trial (a cell no node can fit never starts)."""
+        bundle = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            bundle["GPU"] = self.gpus_per_worker
+        return bundle
+
 
 def _override_model() -> type[BaseModel]:
     """WorkerResources' fields, each optional (default None: keep the study-wide value), same bounds."""

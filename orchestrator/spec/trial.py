@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from dit.errors import ConfigError
 from dit.train import TrainConfig
+from orchestrator.spec.limits import check_values
 from orchestrator.spec.resources import WorkerResources
+from orchestrator.spec.yamlfile import read_yaml
 
 
 class TrialConfig(WorkerResources):
@@ -48,15 +49,10 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 def load_trial_config(path: str | Path, **overrides: Any) -> TrialConfig:
     """Read and validate a trial YAML; every problem becomes a ConfigError naming the field."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"cannot read trial config {str(path)!r}: {err.strerror}") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    raw = read_yaml(path, "trial config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with name, train, workers, ...")
+    check_values(raw, str(path))  # before validation, which would expand an alias bomb
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return TrialConfig.model_validate(raw)

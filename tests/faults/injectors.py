@@ -47,3 +47,30 @@ class PoisonAt:
             with torch.no_grad():
                 for p in engine.module.parameters():
                     p.fill_(float("nan"))
+
+
+class RecordSteps:
+    """Append every step rank ``rank`` completes to ``path``, one per line: after a restart the
+    file shows which checkpoint the group resumed from (the first step after the gap)."""
+
+    def __init__(self, path: str | Path, rank: int = 0):
+        self.path, self.rank = str(path), rank
+
+    def __call__(self, step: int, engine: Any) -> None:
+        import torch.distributed as dist
+
+        if dist.get_rank() == self.rank:
+            with open(self.path, "a") as f:
+                f.write(f"{step}\n")
+
+
+class StepFileSink:
+    """A metric sink (``run_trial(sinks=[...])``) that appends each step it is handed to a file:
+    what any sink, such as MLflow's, receives."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{int(metrics['step'])}\n")

@@ -1,16 +1,21 @@
-"""Faults 4 and 6, and checkpoint safety: a damaged shard, a full disk, a tampered checkpoint."""
+"""Faults 4 and 6, and checkpoint safety: a damaged shard, vanished data, a full disk, a tampered
+checkpoint."""
 
 import resource
 import shutil
 import signal
+import threading
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from dit.errors import ConfigError
-from dit.latents import CorruptShardError
+from dit.latents import CorruptShardError, ShardWarning
+from dit.latents.manifest import NoReadableShardsError
 from dit.train import CheckpointWriteError, TrainConfig, train, verify_checkpoint_files
+from dit.train.loop import BAD_SHARDS, SKIPPED_SAMPLES
 
 TINY = {"depth": 2, "hidden_size": 64, "num_heads": 4, "patch_size": 2}
 
@@ -40,7 +45,33 @@ def test_truncated_shard_is_skipped_counted_and_logged(damaged, tmp_path):
         result = train(recipe(manifest, steps=40, log_every=20, checkpoint_every=0),
                        lambda m, c: reports.append(m), checkpoint_root=tmp_path / "ck")
     assert result.step == 40
-    assert reports[-1]["data/skipped_samples"] > 0
+    assert reports[-1][SKIPPED_SAMPLES] > 0
+    assert reports[-1][BAD_SHARDS] == 1.0  # the one damaged shard reaches the driver as a metric
+
+
+def test_vanished_data_ends_the_run_instead_of_spinning(digits8, tmp_path):
+    data = tmp_path / "gone"
+    shutil.copytree(Path(digits8).parent, data)
+    for shard in data.glob("*.tar"):  # an unmounted volume: the manifest is there, the shards not
+        shard.unlink()
+    outcome = {}
+
+    def run():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ShardWarning)
+                train(recipe(str(data / "manifest.json"), checkpoint_every=0), lambda m, c: None,
+                      checkpoint_root=tmp_path / "ck")
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True)  # the test cannot hang on a spinning loop
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "train() still running on data whose shards were all deleted"
+    err = outcome.get("error")
+    assert isinstance(err, NoReadableShardsError), err
+    assert str(err).startswith(f"step 1: manifest {data / 'manifest.json'}: all 16 of its 16 shards are unreadable")
 
 
 def test_strict_mode_fails_naming_the_shard(damaged, tmp_path):
