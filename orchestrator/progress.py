@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from analysis.schema import FID, IMAGES_PER_S, LOSS
+from analysis.schema import BAD_SHARDS, FID, IMAGES_PER_S, LOSS
 from orchestrator.layout import CANCEL_FILE, OUTCOME_FILE, last_metrics
 
 
@@ -44,14 +44,22 @@ def format_eta(seconds: float | None) -> str:
     return f"{seconds / 60:.1f}m" if seconds >= 90 else f"{seconds:.0f}s"
 
 
+def damage_note(metrics: dict[str, Any]) -> str:
+    """'3 damaged shards skipped' once a trial's workers skipped any (the warning's only way out
+    of the workers: their metrics), else ''."""
+    n = int(metrics.get(BAD_SHARDS) or 0)
+    return f"{n} damaged shard{'s' if n != 1 else ''} skipped" if n else ""
+
+
 def progress_line(cell: str, metrics: dict[str, Any], steps: int, global_batch: int) -> str:
     step = int(metrics.get("step", 0))
-    fid = metrics.get(FID)
+    fid, damage = metrics.get(FID), damage_note(metrics)
     return (
         f"  {cell:<28} step {step:>7}/{steps:<7} loss {metrics.get(LOSS, float('nan')):.4f}"
         f"  {metrics.get(IMAGES_PER_S, 0.0):8.1f} img/s"
         + (f"  FID {fid:.2f}" if fid is not None else "")
         + f"  ETA {format_eta(eta_seconds(metrics, steps, global_batch))}"
+        + (f"  ({damage})" if damage else "")
     )
 
 

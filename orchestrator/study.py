@@ -35,7 +35,7 @@ from orchestrator.layout import (
 )
 from orchestrator.lock import study_lock
 from orchestrator.prepare import prepare_builtin
-from orchestrator.progress import ProgressPrinter, eta_seconds, make_cancel_stopper, request_cancel
+from orchestrator.progress import ProgressPrinter, damage_note, eta_seconds, make_cancel_stopper, request_cancel
 from orchestrator.spec import Cell, StudySpec, load_spec, order_by_cost
 from orchestrator.tracking import (
     MLflowSink,
@@ -343,9 +343,9 @@ def _check_data(spec: StudySpec, spec_path: Path, cells: list[Cell]) -> None:
 
     for data in sorted({c.train.data for c in cells}):
         if spec.data.builtin and "://" not in data and not Path(data).exists():
-            if not spec.data.image_size:
-                raise ConfigError(f"{spec_path}: data.builtin needs data.image_size (the size to prepare at)")
-            prepare_builtin(spec.data.builtin, Path(data).parent, spec.data.image_size)
+            info = spec.data_info  # the shape a dry run checked: what the prepared data must have
+            prepare_builtin(spec.data.builtin, Path(data).parent, info.image_size, channels=info.channels,
+                            num_classes=info.num_classes, samples=spec.data.samples)
         Manifest.load(data)
 
 
@@ -401,7 +401,7 @@ def study_status(spec_path: str | Path, storage: str | None = None) -> list[dict
             "step": int(last.get("step", 0)), "steps": cell.train.steps,
             "loss": last.get(LOSS, math.nan), "fid": last_fid(paths.trial(cell.name)),
             "eta_s": None if outcome else eta_seconds(last, cell.train.steps, cell.train.global_batch),
-            "reason": (outcome or {}).get("reason"),
+            "reason": (outcome or {}).get("reason") or damage_note(last) or None,
         })
     return rows
 

@@ -29,8 +29,6 @@ def test_progress_is_quiet_when_not_a_terminal(tmp_path):
 
 
 def test_one_reader_of_the_metric_log_for_progress_status_and_the_trial(tmp_path):
-    import pytest
-
     from orchestrator.layout import read_metrics
     from orchestrator.study import last_fid
     from orchestrator.trial import MetricLog
@@ -41,7 +39,14 @@ def test_one_reader_of_the_metric_log_for_progress_status_and_the_trial(tmp_path
     assert read_metrics(log) == rows == MetricLog(log).rows
     assert read_metrics(log, tail=True)[-1] == rows[-1] and len(read_metrics(log, tail=True)) < len(rows)
     assert last_metrics(tmp_path) == rows[-1] and last_fid(tmp_path) == 50.0 - 396
-    log.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')  # a broken row inside the log is an error
-    with pytest.raises(json.JSONDecodeError):
-        read_metrics(log)
+    log.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n[1]\n')  # garbled rows anywhere are left out
+    assert read_metrics(log) == [{"step": 1}, {"step": 3}]
     assert read_metrics(tmp_path / "none.jsonl") == [] and last_fid(tmp_path / "none") is None
+
+
+def test_damaged_shards_reach_the_progress_line_from_the_trials_metrics():
+    from orchestrator.progress import progress_line
+
+    row = {"step": 10, "train/loss": 0.5, "train/images_per_s": 100.0, "data/bad_shards": 2.0}
+    assert "(2 damaged shards skipped)" in progress_line("c", row, 20, 32)
+    assert "damaged" not in progress_line("c", {**row, "data/bad_shards": 0.0}, 20, 32)
