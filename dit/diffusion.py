@@ -394,7 +394,9 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
-        model_output = model(x_t, self.model_timesteps(t), y)
+        # A bf16/fp16 model's output is widened so the targets and losses are computed in (at
+        # least) the inputs' precision, never quantised to the model's.
+        model_output = model(x_t, self.model_timesteps(t), y).to(torch.promote_types(x0.dtype, torch.float32))
         C = x0.shape[1]
         if self.learn_sigma:
             if model_output.shape != (x0.shape[0], 2 * C, *x0.shape[2:]):

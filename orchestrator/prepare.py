@@ -89,14 +89,29 @@ def _run_actors(job: Any, actor_cls: Any, n: int, device: str, threads: int) -> 
             ray.kill(a)
 
 
-def prepare_builtin(name: str, out_dir: Path, image_size: int) -> None:
-    """Encode a built-in data set (pixels as latents) in this process: small, so no Ray."""
+RANDOM_LATENTS_SAMPLES = 4096
+
+
+def prepare_builtin(name: str, out_dir: Path, image_size: int, *, channels: int = 4, num_classes: int = 10,
+                    samples: int | None = None) -> None:
+    """Write a built-in data set (values as latents, identity codec) in this process: no Ray.
+
+    ``digits``: scikit-learn's digits at ``image_size`` px. ``random-latents``: ``samples``
+    synthetic latents of ``channels`` x ``image_size`` x ``image_size`` in ``num_classes``
+    classes (:class:`dit.latents.RandomLatentsSource`). Both get the small CNN that
+    ``eval.features: digits-cnn-v1`` uses, trained on them, so in-loop FID needs no download.
+    """
     from dit.evaluate.features import digits_feature_nets
-    from dit.latents import begin_prepare, make_digits
+    from dit.latents import RandomLatentsSource, begin_prepare, make_digits
     from dit.vae import IdentityCodec
 
+    if name == "random-latents":
+        source = RandomLatentsSource(samples or RANDOM_LATENTS_SAMPLES, channels=channels, size=image_size,
+                                     num_classes=num_classes)
+    else:
+        source = make_digits(image_size)
     print(f"preparing the built-in {name} data set at {image_size} px into {out_dir}", flush=True)
     codec = IdentityCodec()
-    job = begin_prepare(make_digits(image_size), codec, out_dir, feature_nets=digits_feature_nets)
+    job = begin_prepare(source, codec, out_dir, feature_nets=digits_feature_nets)
     job.run_local(codec, None)
     job.finish()

@@ -103,3 +103,31 @@ def test_bf16_trains_through_deepspeed(digits8, tmp_path):
     # positional buffer; the model must run in its weights' dtype.
     result, reports = run(recipe(digits8, steps=4, checkpoint_every=0, log_every=2, precision="bf16"), tmp_path)
     assert result.step == 4 and all(math.isfinite(m["train/loss"]) for m, _ in reports)
+
+
+def test_the_diffusion_target_stays_fp32_under_bf16_weights():
+    """The latents and noise reach q_sample in fp32 (a bf16 target would be quantised); only the
+    model's own input is cast, by the model."""
+    from dit.diffusion import create_diffusion
+    from dit.models import create_model
+    from dit.train.loop import micro_batch_losses
+
+    model = create_model({"depth": 1, "hidden_size": 32, "num_heads": 2, "patch_size": 2}, input_size=8,
+                         in_channels=1, num_classes=10).to(torch.bfloat16)
+    seen = []
+
+    def recording(x_t, t, y):  # what the diffusion hands the model
+        seen.append(x_t)
+        return model(x_t, t, y)
+
+    diffusion = create_diffusion()
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))  # fp32 latents from the stream
+    losses = micro_batch_losses(diffusion, recording, x, torch.arange(4), torch.Generator().manual_seed(0),
+                                torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)  # the same draws, all in fp32
+    t = torch.randint(0, diffusion.num_timesteps, (4,), generator=gen)
+    noise = torch.randn(x.shape, dtype=torch.float32, generator=gen)
+    assert torch.equal(seen[0], diffusion.q_sample(x, t, noise))  # exact: nothing was rounded to bf16
+    assert all(v.dtype == torch.float32 for v in losses.values())
+    losses["loss"].mean().backward()
+    assert next(model.parameters()).grad is not None

@@ -504,10 +504,12 @@ def describe_resize(name: str, image_size: int | None = None) -> str:
 
 
 def digits_feature_nets(source: Any, out_dir: str, seed: int) -> dict[str, Any]:
-    """The manifest's ``features`` for the digits: the ``digits-cnn-v1`` classifier behind digits
-    FID (seeded, ~1-2 s on a CPU), kept when a rerun finds one trained with the same settings.
-    Passed to :func:`dit.latents.begin_prepare` as ``feature_nets``; other sources get none."""
-    if getattr(source, "kind", None) != "digits":
+    """The manifest's ``features`` for the built-in sets: the ``digits-cnn-v1`` classifier behind
+    their FID (seeded, ~1-2 s on a CPU for the digits), kept when a rerun finds one trained with
+    the same settings. Passed to :func:`dit.latents.begin_prepare` as ``feature_nets``; the
+    digits and the synthetic random latents get one (so their studies need no download), other
+    sources none."""
+    if getattr(source, "kind", None) not in ("digits", "random-latents"):
         return {}
     path = os.path.join(out_dir, DIGITS_FILE)
     rec = digits_classifier_record(path, digits_classifier_config(source, seed=seed))

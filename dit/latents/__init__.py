@@ -29,7 +29,15 @@ from dit.latents.manifest import (
     ShardWarning,
     shard_name,
 )
-from dit.latents.sources import ArraySource, DigitsSource, ImageFolderSource, ImageSource, center_crop_arr, make_digits
+from dit.latents.sources import (
+    ArraySource,
+    DigitsSource,
+    ImageFolderSource,
+    ImageSource,
+    RandomLatentsSource,
+    center_crop_arr,
+    make_digits,
+)
 from dit.latents.stream import LatentStream
 from dit.latents.writer import PrepareJob, ShardPlan, begin_prepare, write_shards
 
@@ -46,6 +54,7 @@ __all__ = [
     "ImageSource",
     "ArraySource",
     "DigitsSource",
+    "RandomLatentsSource",
     "ImageFolderSource",
     "make_digits",
     "ShardInfo",

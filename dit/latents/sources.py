@@ -1,8 +1,9 @@
 """Image sources: the finite, indexable, labelled image sets that ``ditscale prepare`` encodes.
 
 ``make_digits(16)`` is the built-in demo (scikit-learn's digits, no download);
-``ImageFolderSource(root, 256)`` reads the ImageNet layout; ``ArraySource`` wraps arrays
-(tests, benchmarks). Every image goes through ADM's centre crop (:func:`center_crop_arr`), as in
+``RandomLatentsSource`` makes synthetic latents of any shape and size (GPU runs that need no
+download); ``ImageFolderSource(root, 256)`` reads the ImageNet layout; ``ArraySource`` wraps
+arrays (tests, benchmarks). Every image goes through ADM's centre crop (:func:`center_crop_arr`), as in
 the DiT reference code, and comes out ``(C, S, S)`` float32 in [-1, 1].
 """
 
@@ -145,6 +146,53 @@ class DigitsSource(ImageSource):
 def make_digits(image_size: int = 16) -> DigitsSource:
     """The built-in demo data set: sklearn digits at ``image_size`` px, 1 channel."""
     return DigitsSource(image_size)
+
+
+class RandomLatentsSource(ImageSource):
+    """Synthetic, deterministic "latents" of any shape and count, for runs that need no data set.
+
+    Sample ``i`` of class ``c = i % num_classes`` is ``0.6 * P_c + 0.4 * U_i``: a fixed random
+    pattern per class plus per-sample noise, both uniform in [-1, 1] and drawn from generators
+    keyed by (seed, class) and (seed, i). So the set is the same on every machine and at any
+    size, a model has something to learn (losses fall, classes are separable), and the values
+    stay in [-1, 1] like every source's output. Written through the identity codec they are
+    ``channels x size x size`` latents (4 x 32 x 32: the shape of 256 px images through the SD
+    VAE, so a DiT's cost on them is the paper's at 256 px).
+    """
+
+    kind = "random-latents"
+
+    def __init__(self, num_samples: int = 4096, *, channels: int = 4, size: int = 32, num_classes: int = 10,
+                 seed: int = 0) -> None:
+        if min(num_samples, channels, size, num_classes) < 1:
+            raise ConfigError(f"random-latents: num_samples, channels, size and num_classes must be >= 1, got "
+                              f"{num_samples}, {channels}, {size}, {num_classes}")
+        self.num_samples, self.seed = int(num_samples), int(seed)
+        self.class_names = [str(c) for c in range(num_classes)]
+        self.image_size, self.channels = int(size), int(channels)
+        self._patterns: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _uniform(self, *key: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, *key])
+        return rng.uniform(-1.0, 1.0, (self.channels, self.image_size, self.image_size)).astype(np.float32)
+
+    def load(self, i: int) -> np.ndarray:
+        c = self.label(i)
+        if c not in self._patterns:
+            self._patterns[c] = self._uniform(0, c)
+        return 0.6 * self._patterns[c] + 0.4 * self._uniform(1, int(i))
+
+    def label(self, i: int) -> int:
+        return int(i) % len(self.class_names)
+
+    def key(self, i: int) -> str:
+        return f"random-latents/{i:07d}"
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "size": self.image_size, "num_classes": len(self.class_names), "seed": self.seed}
 
 
 class ImageFolderSource(ImageSource):

@@ -20,7 +20,7 @@ from dit.flops import FLOPS_PER_MAC, training_compute
 from dit.latents.manifest import NoReadableShardsError
 from dit.models import DiTConfig, create_model
 from dit.train.checkpoint import load_checkpoint, save_checkpoint, staging_dir
-from dit.train.config import TrainConfig, compute_dtype, make_diffusion, resolve_model
+from dit.train.config import TrainConfig, make_diffusion, resolve_model
 from dit.train.ema import EMA, copy_ema
 from dit.train.engine import build_engine, init_distributed
 
@@ -131,19 +131,32 @@ def _next_batch(batches, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise stop from err
 
 
+def micro_batch_losses(diffusion, model, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator,
+                       device: torch.device) -> dict[str, torch.Tensor]:
+    """The hybrid loss of one micro-batch, its timesteps and noise drawn from ``gen``.
+
+    The diffusion arithmetic (q_sample, the MSE target, the bound) stays in fp32 under bf16
+    weights: the latents and noise are never cast to the model's dtype here; the model casts
+    its own input, and the diffusion widens its output back.
+    """
+    x, y = x.to(device, torch.float32), y.to(device)
+    t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device, generator=gen)
+    noise = torch.randn(x.shape, device=device, dtype=torch.float32, generator=gen)
+    return diffusion.training_losses(model, x, t, y, noise=noise)
+
+
 def _optimizer_step(w: _Worker, batches, step: int) -> torch.Tensor:
     """One optimizer step (``accum`` micro-batches); the global [loss, mse, vb, count] sums.
     Every draw comes from the (seed, rank, step) generator: the basis of exact resume."""
     gen = _step_generator(w.cfg.seed, w.rank, step, w.device)
-    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # label dropout
-    dtype, device, diffusion, engine = compute_dtype(w.cfg.precision), w.device, w.diffusion, w.engine
+    # The generator lives on the worker's device: a draw from it must too (a CUDA generator
+    # cannot fill a CPU tensor).
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device)))  # label dropout
+    device, diffusion, engine = w.device, w.diffusion, w.engine
     sums = torch.zeros(4, dtype=torch.float64)
     for _ in range(w.accum):
         x, y = _next_batch(batches, step)
-        x, y = x.to(device, dtype), y.to(device)
-        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device, generator=gen)
-        noise = torch.randn(x.shape, device=device, dtype=x.dtype, generator=gen)
-        losses = diffusion.training_losses(engine, x, t, y, noise=noise)
+        losses = micro_batch_losses(diffusion, engine, x, y, gen, device)
         loss = losses["loss"].mean()
         engine.backward(loss)
         engine.step()

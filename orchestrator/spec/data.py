@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from dit.errors import ConfigError
 from orchestrator.spec.base import _Strict
@@ -42,10 +42,26 @@ class DataSpec(_Strict):
         None, ge=0, le=1_000_000, description="classes; read from the manifest when it exists"
     )
     latent: LatentSpec | None = Field(None, description="latent shape; read from the manifest when it exists")
-    builtin: Literal["digits"] | None = Field(
-        None, description="a built-in data set that `ditscale run` prepares into `manifest` (at image_size, "
-        "pixels as latents) when the manifest does not exist yet",
+    builtin: Literal["digits", "random-latents"] | None = Field(
+        None, description="a built-in data set that `ditscale run` prepares into `manifest` when the manifest "
+        "does not exist yet: `digits` (scikit-learn's, at image_size, pixels as latents) or `random-latents` "
+        "(synthetic, deterministic latents of data.latent's shape and data.num_classes classes; no download)",
     )
+    samples: int | None = Field(
+        None, ge=1, le=10_000_000, description="random-latents: how many samples to make (default 4096)"
+    )
+
+    @model_validator(mode="after")
+    def _check_builtin(self) -> "DataSpec":
+        if self.samples is not None and self.builtin != "random-latents":
+            raise ValueError("data.samples is the size of the `random-latents` built-in; set data.builtin or drop it")
+        if self.builtin == "random-latents":
+            if self.latent is None or self.num_classes is None:
+                raise ValueError("data.builtin random-latents needs data.latent {channels, size} and data.num_classes")
+            if self.image_size is not None and self.image_size != self.latent.size:
+                raise ValueError(f"data.builtin random-latents: image_size must equal latent.size "
+                                 f"({self.latent.size}), as the latents are the 'images' (vae_factor 1)")
+        return self
 
 
 @dataclass(frozen=True)
