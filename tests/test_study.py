@@ -141,6 +141,9 @@ def test_killed_driver_then_resume_finishes_without_rerunning_or_duplicating(tmp
     assert cli(["run", str(spec), "--no-report"]) == 0
     assert cli(["resume", str(spec), "--no-report"]) == 0
     assert "already ended" in capsys.readouterr().out
+    # The report from the spec, as status and resume take it: into the study folder.
+    assert cli(["report", str(spec), "--n-boot", "20", "--no-log"]) == 0
+    assert (root / "report" / "report.html").is_file()
 
 
 def test_bad_spec_exits_2_and_starts_nothing(tmp_path, digits8, capsys):

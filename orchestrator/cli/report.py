@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("study", nargs="?", help="study name or parent run id (omit for a published table alone)")
+    parser.add_argument("study", nargs="?", help="study spec (YAML), study folder, study name or parent run id "
+                        "(omit for a published table alone)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else "
                         "runs/STUDY/mlflow.db when that exists)")
     parser.add_argument("--out", help="output folder (default: runs/STUDY/report when that folder exists, "
@@ -34,6 +35,21 @@ def _default_out(name: str) -> Path:
     return Path(re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") + "-report")
 
 
+def _from_spec(args: argparse.Namespace) -> None:
+    """``ditscale report STUDY.yaml``, like ``status`` and ``resume``: the spec names the study, its
+    folder (the report's home) and its tracking store."""
+    from orchestrator.spec import load_spec
+    from orchestrator.study import study_paths
+    from orchestrator.tracking import resolve_tracking_uri
+
+    spec = load_spec(args.study)
+    root = study_paths(spec, None).root
+    if not args.tracking_uri:
+        args.tracking_uri = resolve_tracking_uri(None, spec.tracking.uri, root) if root.is_dir() else None
+    args.out = args.out or str(root / "report")
+    args.study = spec.name
+
+
 def main(args: argparse.Namespace) -> int:
     from analysis.report import build_report, log_report
     from analysis.runs import load_published, load_study
@@ -43,6 +59,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("name a STUDY (and --tracking-uri), or give --published CSV for a published table alone")
     if args.n_boot < 0:
         raise ConfigError(f"--n-boot must be >= 0 (got {args.n_boot})")
+    if args.study and args.study.endswith((".yaml", ".yml")) and Path(args.study).is_file():
+        _from_spec(args)
     published = None
     if args.published:
         published = load_published(None if args.published == "paper" else args.published)

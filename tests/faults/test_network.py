@@ -88,11 +88,14 @@ def test_a_ray_cluster_running_on_the_machine_is_not_joined_without_an_address(t
     """A `ray start --head` on the machine records itself in /tmp/ray; Ray's default would join it."""
     env = clean_env()
     port = str(_free_port())
-    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
-                    "--include-dashboard=false", "--disable-usage-stats"],
-                   env={**env, "PATH": str(Path(sys.executable).parent) + os.pathsep + env["PATH"]},
-                   check=True, capture_output=True, timeout=120)
+    # Its own session, so the daemons it leaves behind can be stopped without `ray stop --force`
+    # (which would kill every Ray on the machine, the suite's own included).
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+                             f"--port={port}", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    started, _ = head.communicate(timeout=180)
     try:
+        assert head.returncode == 0, started
         probe = textwrap.dedent("""
             import ray
             from orchestrator.ray_env import ensure_ray
@@ -103,8 +106,26 @@ def test_a_ray_cluster_running_on_the_machine_is_not_joined_without_an_address(t
         gcs = next(line for line in out.splitlines() if line.startswith("GCS "))[4:]
         assert gcs.startswith("127.0.0.1:") and not gcs.endswith(f":{port}"), gcs
     finally:
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=env,
-                       capture_output=True, timeout=120)
+        _kill_session(head.pid)
+
+
+def _kill_session(pgid: int) -> None:
+    """SIGKILL every process of process group ``pgid`` and their descendants (Ray workers)."""
+    import psutil
+
+    procs = {}
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid:
+                procs.update((q.pid, q) for q in [p, *p.children(recursive=True)])
+        except (psutil.Error, ProcessLookupError):
+            pass
+    for p in procs.values():
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(list(procs.values()), timeout=30)
 
 
 def _free_port() -> int:
