@@ -57,7 +57,10 @@ def test_collectives_put_tensors_where_the_backend_needs_them(backend, device, e
 
 @pytest.mark.slow
 def test_the_gpu_check_dry_run_passes_every_check(tmp_path):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    # Not the suite's process-group variables: an earlier in-process train() left MASTER_PORT
+    # (and RANK, WORLD_SIZE) in os.environ, and its gloo store still listens on that port.
+    group = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {**{k: v for k, v in os.environ.items() if k not in group}, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
