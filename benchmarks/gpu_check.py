@@ -103,9 +103,8 @@ def make_data(out: Path, p: SimpleNamespace) -> str:
     from dit.vae import IdentityCodec
 
     source = RandomLatentsSource(p.samples, channels=4, size=p.size, num_classes=10)
-    manifest = write_shards(source, IdentityCodec(), out / "data", feature_nets=digits_feature_nets,
-                            shard_size=1024)
-    return str(out / "data" / "manifest.json") if manifest else ""
+    write_shards(source, IdentityCodec(), out / "data", feature_nets=digits_feature_nets, shard_size=1024)
+    return str(out / "data" / "manifest.json")
 
 
 def sustained_peak(device: torch.device, n: int = 8192, seconds: float = 2.0) -> dict[str, Any]:
@@ -266,7 +265,8 @@ def speed(checks: Checks, data: str, p: SimpleNamespace, out: Path, device: torc
         checks.record(f"{label} b{batch} speed measured", row["images_per_s"] > 0, **{k: v for k, v in row.items()
                                                                                      if k != "synthetic"})
         checks.section("speed", rows)
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return rows
 
 

@@ -130,10 +130,10 @@ def repair_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    raw = path.read_bytes()
-    rows = read_metrics(path)
+    raw = path.read_bytes().decode(errors="replace")
+    rows = [row for row in map(_row, raw.splitlines()) if row is not None]
     good = "".join(json.dumps(r) + "\n" for r in rows)
-    if raw.decode(errors="replace") != good:
+    if raw != good:
         atomic_write_text(path, good)
     return rows
 
