@@ -13,37 +13,26 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from analysis import store
+from analysis.analyze import Analysis, analyze
+from analysis.gallery import last_sample_grids
 from analysis.runs import StudyData
-from analysis.schema import FID, REPORT_ARTIFACT_DIR, REPORT_DIR
+from analysis.schema import REPORT_ARTIFACT_DIR, REPORT_DIR
+from analysis.tables import (backtest_table, cell_table, frontier_table, law_table, prediction_table,
+                             recommendation_table)
+from analysis.tables import fmt as display_value
 from dit.files import atomic_write_text
 
 ARTIFACT_DIR = REPORT_ARTIFACT_DIR
-
-
-@dataclass
-class Analysis:
-    """Fits of one data set; ``errors`` says why a fit is missing."""
-
-    data: StudyData
-    gflops: Any = None  # PowerLawFit
-    compute: Any = None  # SaturatingFit
-    frontier: pd.DataFrame | None = None
-    predictions: pd.DataFrame | None = None
-    errors: dict[str, str] = field(default_factory=dict)
-
-    def fits(self) -> dict[str, Any]:
-        return {k: v for k, v in (("gflops", self.gflops), ("compute", self.compute)) if v is not None}
 
 
 @dataclass
@@ -53,111 +42,6 @@ class Report:
     analyses: list[Analysis]
     notes: list[str]
     logged_run_id: str | None = None
-
-
-def analyze(data: StudyData, *, step: int | None = None, n_boot: int = 2000, n_boot_saturating: int = 1000,
-            seed: int = 0) -> Analysis:
-    """The fits the data allow; a fit that cannot run is recorded, never raised."""
-    from analysis.fit import compute_frontier, fit_fid_vs_gflops, fit_saturating
-
-    out = Analysis(data)
-    if not data.has_fid:
-        out.errors["gflops"] = out.errors["compute"] = "no FID yet"
-        return out
-    try:
-        out.gflops = fit_fid_vs_gflops(data.evals, step, n_boot=n_boot, seed=seed)
-    except (ValueError, np.linalg.LinAlgError) as err:
-        out.errors["gflops"] = str(err)
-    try:
-        out.compute = fit_saturating(data.evals, n_boot=n_boot_saturating, seed=seed)
-    except (ValueError, np.linalg.LinAlgError) as err:
-        out.errors["compute"] = str(err)
-    out.frontier = compute_frontier(data.evals)
-    if out.compute is not None:
-        top = float(out.compute.used["compute"].max())
-        budgets = [top * k for k in (1, 10, 100)]
-        conf = out.compute.predict(budgets)
-        pred = out.compute.predict(budgets, kind="prediction")
-        out.predictions = pd.DataFrame({
-            "budget": ["largest in data", "10x", "100x"], "compute_gflops": budgets,
-            "fid": conf.iloc[:, 1], "ci_lo": conf["lo"], "ci_hi": conf["hi"], "pi_lo": pred["lo"],
-            "pi_hi": pred["hi"]})
-    return out
-
-
-# ------------------------------------------------------------------------------------------
-# Tables and text
-# ------------------------------------------------------------------------------------------
-
-
-def _fmt(v: Any, kind: str = "g") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
-        return ""
-    try:
-        if pd.isna(v):
-            return ""
-    except (TypeError, ValueError):
-        pass
-    if kind == "int":
-        return f"{int(v):,}"
-    if kind == "sci":
-        return f"{float(v):.3g}"
-    if kind == "params":
-        return f"{float(v) / 1e6:.1f}M"
-    if kind == "f2":
-        return f"{float(v):.2f}"
-    if kind == "f4":
-        return f"{float(v):.4f}"
-    return str(v)
-
-
-def cell_table(data: StudyData) -> pd.DataFrame:
-    """The cells as display strings: model, patch, Gflops, params, compute, FID, loss, status."""
-    t = data.trials
-    rows = []
-    for _, r in t.iterrows():
-        step = "" if pd.isna(r["last_step"]) else f"{int(r['last_step']):,}"
-        if not pd.isna(r["steps"]) and data.source != "published":
-            step += f" / {int(r['steps']):,}"
-        fid = _fmt(r["final_fid"], "f2")
-        if fid and not pd.isna(r["final_fid_step"]) and data.source != "published":
-            fid += f" @{int(r['final_fid_step']):,}"
-        rows.append({
-            "model": r["model"] if isinstance(r["model"], str) else r["trial"],
-            "patch": _fmt(r["patch_size"], "int"), "Gflops": _fmt(r["gflops"], "f2"),
-            "params": _fmt(r["params"], "params"), "training compute (Gflops)": _fmt(r["compute_gflops"], "sci"),
-            "step": step, "final FID": fid, "final loss": _fmt(r["final_loss_avg"], "f4"),
-            "status": str(r["status"]).lower(),
-        })
-    table = pd.DataFrame(rows, columns=["model", "patch", "Gflops", "params", "training compute (Gflops)",
-                                        "step", "final FID", "final loss", "status"])
-    empty = [c for c in ("final loss", "params", "patch") if len(table) and (table[c] == "").all()]
-    return table.drop(columns=empty)
-
-
-def law_table(a: Analysis) -> pd.DataFrame:
-    rows = []
-    g, c = a.gflops, a.compute
-    pct = lambda f: f"{f.level:.0%} CI"
-    if g is not None:
-        rows += [
-            {"law": "FID vs Gflops", "parameter": "slope b (log-log)", "value": f"{g.b:.4f}",
-             "interval": f"[{g.b_ci[0]:.4f}, {g.b_ci[1]:.4f}] ({pct(g)})"},
-            {"law": "FID vs Gflops", "parameter": "prefactor exp(a)", "value": f"{g.prefactor:.4g}",
-             "interval": f"[{math.exp(g.a_ci[0]):.4g}, {math.exp(g.a_ci[1]):.4g}]"},
-            {"law": "FID vs Gflops", "parameter": "r(log Gflops, FID)", "value": f"{g.r_y:.4f}",
-             "interval": f"p = {g.r_y_p:.2g}"},
-            {"law": "FID vs Gflops", "parameter": "r(log Gflops, log FID)", "value": f"{g.r_log_y:.4f}",
-             "interval": f"p = {g.r_log_y_p:.2g}"},
-        ]
-    if c is not None:
-        from analysis.fit import _g
-
-        for name, value in c.params().items():
-            lo, hi = c.ci[name]
-            rows.append({"law": "FID = E + A·C^-α", "parameter": {"alpha": "α"}.get(name, name),
-                         "value": _g(value), "interval": f"[{_g(lo)}, {_g(hi)}] ({pct(c)})"})
-    return pd.DataFrame(rows, columns=["law", "parameter", "value", "interval"])
 
 
 def _spec_summary(data: StudyData) -> list[tuple[str, str]]:
@@ -177,7 +61,7 @@ def _spec_summary(data: StudyData) -> list[tuple[str, str]]:
                            ("precision", "precision"), ("zero_stage", "ZeRO stage")):
             values = [v for v in pd.unique(t[col]) if v is not None and not pd.isna(v)] if col in t else []
             if values:
-                items.append((label, ", ".join(_fmt(v) if not isinstance(v, float) else f"{v:g}"
+                items.append((label, ", ".join(display_value(v) if not isinstance(v, float) else f"{v:g}"
                                                for v in values)))
     return items
 
@@ -211,11 +95,22 @@ dt{font-weight:600}dd{margin:0}
 PLOT_CAPTIONS = {
     "fid_vs_gflops": "FID against model Gflops at one training step, with the log-log power-law fit and "
                      "its bootstrap band.",
-    "fid_vs_compute": "FID against training compute, one curve per model; the step line is the "
-                      "compute-efficient frontier; dashed: the saturating Huber fit.",
+    "fid_vs_compute": "FID against training compute (Gflops counted as multiply-adds: FLOPs are twice "
+                      "this), one curve per model; the step line is the observed compute-efficient "
+                      "frontier; dashed: the saturating law fitted to that frontier.",
+    "gallery": "Each cell's samples at its last evaluation, model size down the rows (smallest first) and "
+               "patch size across (largest first), with its final FID.",
+    "residuals": "Residuals of the FID-vs-Gflops law (ln observed - ln fitted), coloured by patch size: "
+                 "a pattern by patch means Gflops alone do not explain FID.",
+    "backtest": "Backtests: each model predicted by the law fitted to the other models (bars: 95% "
+                "prediction intervals); the largest model held out is highlighted.",
+    "frontier_law": "The compute-optimal frontier of the envelope law FID = E + A N^-a + B D^-b with its "
+                    "band, over every evaluation; right: the optimal model size per budget, with the "
+                    "isoFLOP minima as a cross-check.",
     "fid_vs_step": "FID over training: panels hold patch size fixed (curves: model sizes), then model size "
                    "fixed (curves: patch sizes).",
-    "loss_curves": "Training loss per trial against step and training compute (faint: raw; solid: binned median).",
+    "loss_curves": "Training loss per trial against step and training compute, log axes (faint: raw; solid: "
+                   "binned median).",
     "loss_vs_gflops": "Final training loss (mean of the last tenth of the logged steps) against model Gflops.",
 }
 
@@ -237,26 +132,47 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _frontier_table(a: Analysis) -> pd.DataFrame:
-    f = a.frontier
-    if f is None or not len(f):
-        return pd.DataFrame()
-    return pd.DataFrame({"model": f["model"].astype(str), "step": [_fmt(v, "int") for v in f["step"]],
-                         "training compute (Gflops)": [_fmt(v, "sci") for v in f["compute_gflops"]],
-                         "FID": [_fmt(v, "f2") for v in f[FID]]})
+def _table_blocks(title: str, table: pd.DataFrame, note: str | None = None) -> list[tuple[str, Any]]:
+    if not len(table):
+        return []
+    return [("h3", title)] + ([("p", note)] if note else []) + [("table", table)]
 
 
-def _prediction_table(a: Analysis) -> pd.DataFrame:
-    p = a.predictions
-    if p is None:
-        return pd.DataFrame()
-    level = f"{a.compute.level:.0%}"
-    return pd.DataFrame({
-        "budget": p["budget"], "training compute (Gflops)": [_fmt(v, "sci") for v in p["compute_gflops"]],
-        "predicted FID": [_fmt(v, "f2") for v in p["fid"]],
-        f"{level} band of the law": [f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(p["ci_lo"], p["ci_hi"])],
-        f"{level} for a new evaluation": [f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(p["pi_lo"], p["pi_hi"])],
-    })
+def _fit_or_reason(fit: Any, errors: dict[str, str], key: str, what: str) -> list[tuple[str, Any]]:
+    """The fit's summary, else why it is missing (a reason already said for FID vs Gflops is not repeated)."""
+    if fit is not None:
+        return [("pre", fit.summary())]
+    if key not in errors or (key != "gflops" and errors[key] == errors.get("gflops")):
+        return []
+    return [("note", f"{what}: {errors[key]}")]
+
+
+def _backtest_blocks(a: Analysis) -> list[tuple[str, Any]]:
+    if a.loo is None:
+        return [("note", f"Backtests: {a.errors['backtest']}")] if "backtest" in a.errors else []
+    h = a.holdout or {}
+    note = (f"Each model predicted by the FID-vs-Gflops law fitted to the other models. Leave-one-out RMSE "
+            f"of ln FID: {a.loo.rmse_log:.3f}.")
+    if h:
+        lo, hi = h["interval"]
+        note += (f" Largest model {h['model']} held out: predicted {h['predicted']:.2f} [{lo:.2f}, {hi:.2f}], "
+                 f"actual {h['actual']:.2f} ({'inside' if h['covered'] else 'outside'} the interval).")
+    return _table_blocks("Backtests (data the law was not fitted to)", backtest_table(a), note)
+
+
+def _frontier_blocks(a: Analysis) -> list[tuple[str, Any]]:
+    blocks: list[tuple[str, Any]] = []
+    if a.envelope is not None:
+        blocks += [("h3", "Compute-optimal frontier (whole training curves)"), ("pre", a.envelope.summary())]
+        if a.isoflop is not None:
+            blocks.append(("pre", a.isoflop.summary()))
+        elif "isoflop" in a.errors:
+            blocks.append(("note", f"isoFLOP cross-check: {a.errors['isoflop']}"))
+        blocks += _table_blocks("What a budget should train", recommendation_table(a),
+                                "The study's model with the lowest FID the envelope law predicts at each budget.")
+    elif "envelope" in a.errors:
+        blocks.append(("note", f"Compute-optimal frontier: {a.errors['envelope']}"))
+    return blocks
 
 
 def _sections(a: Analysis) -> list[tuple[str, Any]]:
@@ -265,23 +181,28 @@ def _sections(a: Analysis) -> list[tuple[str, Any]]:
     laws = law_table(a)
     if len(laws):
         blocks.append(("table", laws))
-    if a.gflops is not None:
-        blocks.append(("pre", a.gflops.summary()))
-    elif "gflops" in a.errors:
-        blocks.append(("note", f"FID vs Gflops: {a.errors['gflops']}"))
-    if a.compute is not None:
-        blocks.append(("pre", a.compute.summary()))
-        preds = _prediction_table(a)
-        if len(preds):
-            blocks.append(("h3", "Extrapolated compute budgets"))
-            blocks.append(("table", preds))
-    elif "compute" in a.errors and a.errors["compute"] != a.errors.get("gflops"):
-        blocks.append(("note", f"FID vs training compute: {a.errors['compute']}"))
-    front = _frontier_table(a)
-    if len(front):
-        blocks.append(("h3", "Compute-efficient frontier"))
-        blocks.append(("table", front))
+    blocks += _fit_or_reason(a.gflops, a.errors, "gflops", "FID vs Gflops")
+    blocks += _backtest_blocks(a)
+    blocks += _fit_or_reason(a.compute, a.errors, "compute", "FID vs training compute")
+    blocks += _table_blocks("Extrapolated compute budgets", prediction_table(a))
+    blocks += _frontier_blocks(a)
+    blocks += _table_blocks("Compute-efficient frontier (observed)", frontier_table(a))
+    if a.losses is not None:
+        blocks += [("h3", "Loss laws"), ("pre", a.losses.summary())]
     return blocks
+
+
+def _law_plot_inputs(a: Analysis) -> dict[str, Any]:
+    """The extra frames plot_study draws for the laws that were fitted."""
+    extras: dict[str, Any] = {}
+    if a.loo is not None:
+        extras["backtest"] = (a.loo.rows, a.holdout)
+    if a.optimal is not None:
+        extras["frontier_law"] = (a.optimal, a.isoflop.minima if a.isoflop is not None else None)
+    if a.gflops is not None:
+        cells = a.data.evals[["model", "patch_size", "size"]].drop_duplicates("model")
+        extras["residuals"] = a.gflops.used.merge(cells, left_on="label", right_on="model", how="left")
+    return extras
 
 
 def build_report(
@@ -309,7 +230,12 @@ def build_report(
     if published is not None and published is not data:
         ref = analyze(published, n_boot=n_boot, n_boot_saturating=n_boot_saturating, seed=seed)
         analyses.append(ref)
-    plots = plot_study(data, out / "plots", fits=main.fits(), reference=published if ref else None)
+    with tempfile.TemporaryDirectory(prefix="ditscale-grids-") as grid_dir:
+        notes_extra: list[str] = []
+        grids = last_sample_grids(data, grid_dir, notes=notes_extra)
+        plots = plot_study(data, out / "plots", fits=main.fits(), reference=published if ref else None,
+                           reference_fit=ref.compute if ref else None, grids=grids, **_law_plot_inputs(main))
+    plots.notes.extend(notes_extra)
     if ref is not None:
         ref_plots = plot_study(published, out / "plots" / "published", fits=ref.fits())
     else:
@@ -380,6 +306,8 @@ def _html_block(kind: str, payload: Any) -> str:
         return f"<pre>{html.escape(payload)}</pre>"
     if kind == "h3":
         return f"<h3>{html.escape(payload)}</h3>"
+    if kind == "p":
+        return f"<p>{html.escape(payload)}</p>"
     return f"<div class='note'>{html.escape(payload)}</div>"
 
 
@@ -403,6 +331,8 @@ def _render_md(data, analyses, plots, ref_plots, notes, out: Path) -> str:
                 parts += ["```", payload, "```", ""]
             elif kind == "h3":
                 parts += [f"### {payload}", ""]
+            elif kind == "p":
+                parts += [payload, ""]
             else:
                 parts += [f"> **Note:** {payload}", ""]
     parts += ["## Plots", ""]

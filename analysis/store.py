@@ -20,7 +20,10 @@ import os
 import re
 from typing import Any
 
-HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# The artifact progress bar is off: a report downloads one sample grid per cell, and a bar per
+# file buries the report's own output (and fills non-TTY logs).
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 def configure_mlflow_http() -> None:

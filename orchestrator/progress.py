@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from analysis.schema import BAD_SHARDS, FID, IMAGES_PER_S, LOSS
+from analysis.units import format_flops  # noqa: F401 -- re-exported: the CLI prints with it from here
 from orchestrator.layout import CANCEL_FILE, OUTCOME_FILE, last_metrics
 
 
@@ -24,16 +25,6 @@ def eta_seconds(metrics: dict[str, Any], steps: int, global_batch: int) -> float
     if not rate:
         return None
     return max(0, steps - int(metrics.get("step", 0))) * global_batch / rate
-
-
-def format_flops(gflops: float) -> str:
-    """Gflops in readable units at every scale: 0.000412 -> '412 Kflops', 118.6 -> '119 Gflops'."""
-    value = gflops * 1e9
-    for unit in ("", "K", "M", "G", "T"):
-        if abs(value) < 999.5 or unit == "T":
-            return f"{value:.3g} {unit}flops"
-        value /= 1e3
-    raise AssertionError("unreachable")
 
 
 def format_eta(seconds: float | None) -> str:

@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, tuple[str, ...]] = {
     "export": ("orchestrator.cli.export", "export a checkpoint's EMA weights as a plain state dict"),
     "evaluate": ("orchestrator.cli.evaluate", "FID and other eval metrics of a checkpoint, outside a study"),
     "report": ("orchestrator.cli.report", "fit scaling laws, plot and write a study's report (or a published table's)"),
+    "fit": ("orchestrator.cli.fit", "fit one scaling law (power, saturating, envelope) to a study or a CSV"),
     "schema": ("orchestrator.cli.schema", "print the study spec's JSON Schema (for editor completion)"),
 }
 

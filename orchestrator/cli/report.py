@@ -7,6 +7,10 @@ import re
 from pathlib import Path
 
 
+FIT_NAMES = {"gflops": "FID vs Gflops", "compute": "FID vs compute", "backtest": "backtests",
+             "envelope": "compute-optimal frontier", "isoflop": "isoFLOP profiles", "losses": "loss laws"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", nargs="?", help="study spec (YAML), study folder, study name or parent run id "
                         "(omit for a published table alone)")
@@ -35,19 +39,31 @@ def _default_out(name: str) -> Path:
     return Path(re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") + "-report")
 
 
-def _from_spec(args: argparse.Namespace) -> None:
-    """``ditscale report STUDY.yaml``, like ``status`` and ``resume``: the spec names the study, its
-    folder (the report's home) and its tracking store."""
-    from orchestrator.spec import load_spec
-    from orchestrator.study import study_paths
-    from orchestrator.tracking import resolve_tracking_uri
+def resolve_study(study: str, tracking_uri: str | None) -> tuple[str, str | None, Path | None]:
+    """The study's name, tracking URI and folder from what the user typed: a spec file (like
+    ``status`` and ``resume``: the spec names the study, its folder and its tracking store), a
+    study folder (its study.json and mlflow.db), or a name / parent run id (as given)."""
+    from orchestrator.layout import MLFLOW_DB, STATE_FILE
 
-    spec = load_spec(args.study)
-    root = study_paths(spec, None).root
-    if not args.tracking_uri:
-        args.tracking_uri = resolve_tracking_uri(None, spec.tracking.uri, root) if root.is_dir() else None
-    args.out = args.out or str(root / "report")
-    args.study = spec.name
+    if study.endswith((".yaml", ".yml")) and Path(study).is_file():
+        from orchestrator.spec import load_spec
+        from orchestrator.study import study_paths
+        from orchestrator.tracking import resolve_tracking_uri
+
+        spec = load_spec(study)
+        root = study_paths(spec, None).root
+        if not tracking_uri and root.is_dir():
+            tracking_uri = resolve_tracking_uri(None, spec.tracking.uri, root)
+        return spec.name, tracking_uri, root
+    folder = Path(study)
+    if (folder / STATE_FILE).is_file():
+        import json
+
+        name = json.loads((folder / STATE_FILE).read_text()).get("name") or folder.name
+        if not tracking_uri and (folder / MLFLOW_DB).is_file():
+            tracking_uri = f"sqlite:///{(folder / MLFLOW_DB).resolve()}"
+        return str(name), tracking_uri, folder
+    return study, tracking_uri, None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -59,8 +75,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("name a STUDY (and --tracking-uri), or give --published CSV for a published table alone")
     if args.n_boot < 0:
         raise ConfigError(f"--n-boot must be >= 0 (got {args.n_boot})")
-    if args.study and args.study.endswith((".yaml", ".yml")) and Path(args.study).is_file():
-        _from_spec(args)
+    if args.study:
+        args.study, args.tracking_uri, root = resolve_study(args.study, args.tracking_uri)
+        args.out = args.out or (str(root / "report") if root is not None else None)
     published = None
     if args.published:
         published = load_published(None if args.published == "paper" else args.published)
@@ -70,11 +87,12 @@ def main(args: argparse.Namespace) -> int:
                           step=args.step, n_boot=args.n_boot, n_boot_saturating=args.n_boot, seed=args.seed)
     for analysis in report.analyses:
         print(f"== {analysis.data.name}")
-        for fit in analysis.fits().values():
-            print(fit.summary())
+        for fit in (analysis.gflops, analysis.loo, analysis.compute, analysis.envelope, analysis.isoflop):
+            if fit is not None:
+                print(fit.summary())
         for what, why in analysis.errors.items():
-            if why != analysis.errors.get("gflops") or what == "gflops":
-                print(f"  ({'FID vs Gflops' if what == 'gflops' else 'FID vs compute'}: {why})")
+            if what == "gflops" or why != analysis.errors.get("gflops"):
+                print(f"  ({FIT_NAMES.get(what, what)}: {why})")
     for note in report.notes:
         print(f"note: {note}")
     print(f"report: {report.path}")
