@@ -158,6 +158,7 @@ def leave_one_out(df: pd.DataFrame, x: str = "gflops", y: str = FID, group: str 
     table = pd.concat(out, ignore_index=True)
     table["covered"] = (table["lo"] <= table["actual"]) & (table["actual"] <= table["hi"])
     table["log_error"] = np.log(table["predicted"] / table["actual"])
+    table.attrs["rmse_log"] = float(np.sqrt(np.mean(table["log_error"] ** 2)))  # for plots given the frame alone
     return Backtest(x_name=x, y_name=y, group=group, step=step, level=level, rows=table,
                     excluded=excluded.reset_index(drop=True))
 

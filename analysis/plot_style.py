@@ -48,7 +48,7 @@ DPI = 200
 # ------------------------------------------------------------------------------------------
 
 
-def figure(width: float = 5.0, height: float = 3.6, ncols: int = 1, nrows: int = 1, **kw: Any):
+def figure(width: float = 5.0, height: float = 3.6, ncols: int = 1, nrows: int = 1, **kw: Any) -> tuple[Any, Any]:
     """A constrained-layout Figure with an Agg canvas and a 2-D array of axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -451,7 +451,7 @@ def _law_plots(data, out: Path, result: PlotSet, *, backtest, frontier_law, resi
                                                          minima=frontier_law[1])
 
 
-def plot_study(data, out_dir: str | Path, *, fits: dict[str, Any] | None = None, reference=None,
+def plot_study(data: Any, out_dir: str | Path, *, fits: dict[str, Any] | None = None, reference: Any = None,
                reference_fit: Any = None, backtest: tuple[pd.DataFrame, dict | None] | None = None,
                frontier_law: tuple[pd.DataFrame, pd.DataFrame | None] | None = None,
                residuals: pd.DataFrame | None = None, grids: dict[str, Path] | None = None) -> PlotSet:

@@ -69,14 +69,14 @@ def _log_tick_text(value: float, fmt) -> str:
     return fmt(value)
 
 
-def flops_formatter():
+def flops_formatter() -> Any:
     """A matplotlib tick formatter for an axis in the project's Gflops: '10 Kflops', '1 Pflops'."""
     from matplotlib.ticker import FuncFormatter
 
     return FuncFormatter(lambda v, _pos: _log_tick_text(v, format_flops))
 
 
-def params_formatter():
+def params_formatter() -> Any:
     """A matplotlib tick formatter for an axis of parameter counts: '10K', '1M', '1B'."""
     from matplotlib.ticker import FuncFormatter
 
